@@ -1,0 +1,118 @@
+"""Read any supported image file into one 8-bit grayscale PIL image.
+
+Every failure becomes an ``ImageReadError`` with a reason a person can act on; callers turn
+it into an error row instead of stopping a scan.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+# Largest image we agree to decode. Chest X-ray detectors top out around 4300x4300 (18 MP);
+# anything far beyond is a decompression bomb or not an X-ray.
+MAX_PIXELS = 80_000_000
+
+
+class ImageReadError(Exception):
+    """A file could not be turned into an image; ``str(err)`` is the reason shown to users."""
+
+
+def array_to_gray8(arr: np.ndarray) -> Image.Image:
+    """Any-depth 2-D array -> 8-bit image by min-max stretch (16-bit PNG/TIFF, float, DICOM)."""
+    a = np.asarray(arr)
+    if a.ndim != 2:
+        raise ImageReadError(f"expected a 2-D image, got shape {a.shape}")
+    if a.dtype == np.uint8:
+        return Image.fromarray(a, mode="L")
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise ImageReadError("image has no finite pixel values")
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    if hi <= lo:
+        out = np.zeros(a.shape, dtype=np.uint8)
+    else:
+        out = np.clip((np.where(finite, a, lo) - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def to_gray8(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 'L'. Alpha is composited onto black; high bit depths are stretched."""
+    mode = img.mode
+    if mode == "L":
+        return img
+    if mode in ("1", "P", "PA"):
+        img = img.convert("RGBA" if ("transparency" in img.info or mode == "PA") else "RGB")
+        mode = img.mode
+    if mode in ("LA", "La", "RGBA", "RGBa"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    if mode.startswith("I") or mode == "F":
+        return array_to_gray8(np.asarray(img))
+    return img.convert("L")
+
+
+def is_dicom_file(path: "str | os.PathLike[str]") -> bool:
+    """DICOM by suffix or by the 'DICM' marker at byte 128 (files often have no suffix)."""
+    p = Path(path)
+    if p.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def load_image(path: "str | os.PathLike[str]") -> Image.Image:
+    """Decode ``path`` into an 8-bit grayscale image with EXIF orientation applied."""
+    p = Path(path)
+    if is_dicom_file(p):
+        from .dicom import load_dicom  # optional dependency
+
+        return load_dicom(p)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(f"cannot access file: {exc.strerror or exc}") from None
+    if size == 0:
+        raise ImageReadError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise ImageReadError(
+                        f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP limit"
+                    )
+                im.load()
+                im = ImageOps.exif_transpose(im) or im
+                return to_gray8(im)
+    except ImageReadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(f"decompression bomb refused: {exc}") from None
+    except PermissionError:
+        raise ImageReadError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageReadError("file not found (broken symlink?)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not a recognised image format") from None
+    except OSError as exc:
+        msg = str(exc) or exc.__class__.__name__
+        if "truncated" in msg.lower():
+            raise ImageReadError(f"truncated image: {msg}") from None
+        raise ImageReadError(f"corrupt image: {msg}") from None
+    except (ValueError, SyntaxError, MemoryError) as exc:
+        raise ImageReadError(f"corrupt image: {exc}") from None

@@ -1,0 +1,112 @@
+"""The model-file contract: everything the runtime needs lives in ONNX ``metadata_props``.
+
+Keys (all values are strings; structured values are JSON):
+
+- ``cxr.format``        "cxr-onnx/1"
+- ``cxr.classes``       JSON list of class names, in output order
+- ``cxr.preprocess``    JSON ``Preprocessing.to_dict()``
+- ``cxr.input_name``    graph input name (float32, shape [N, channels, size, size])
+- ``cxr.output``        "probabilities" (softmax is inside the graph)
+- ``cxr.arch``          architecture name (e.g. "mobilenet_v2")
+- ``cxr.precision``     "fp32" or "int8"
+- ``cxr.training_data`` JSON: dataset name/root, class counts, split sizes, manifest sha256
+- ``cxr.metrics``       JSON: test metrics from training (and per-precision export metrics)
+- ``cxr.quantization``  JSON: scheme, calibration, nodes kept in float, measured drop (int8 only)
+- ``cxr.parity``        JSON: summary of the export parity report
+- ``cxr.checkpoint_sha256``, ``cxr.created``, ``cxr.producer``
+- ``cxr.intended_use``  short statement of intended use and limits
+
+Only ``cxr.format``, ``cxr.classes`` and ``cxr.preprocess`` are required to run a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .preprocess import Preprocessing
+
+FORMAT = "cxr-onnx/1"
+PREFIX = "cxr."
+REQUIRED = ("format", "classes", "preprocess")
+JSON_KEYS = frozenset({"classes", "preprocess", "training_data", "metrics", "quantization", "parity"})
+
+
+class ModelMetadataError(ValueError):
+    """The ONNX file lacks or garbles the metadata that makes it a cxr model."""
+
+
+@dataclass
+class ModelInfo:
+    classes: list[str]
+    preprocess: Preprocessing
+    arch: str = "unknown"
+    precision: str = "fp32"
+    input_name: str | None = None
+    output: str = "probabilities"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        """Serialize to ONNX metadata_props (str -> str)."""
+        props: dict[str, Any] = {
+            "format": FORMAT,
+            "classes": list(self.classes),
+            "preprocess": self.preprocess.to_dict(),
+            "arch": self.arch,
+            "precision": self.precision,
+            "output": self.output,
+        }
+        if self.input_name:
+            props["input_name"] = self.input_name
+        props.update(self.extra)
+        return encode_props(props)
+
+
+def encode_props(props: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for k, v in props.items():
+        key = k if k.startswith(PREFIX) else PREFIX + k
+        out[key] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    return out
+
+
+def decode_props(raw: dict[str, str]) -> ModelInfo:
+    """Parse ``cxr.*`` metadata_props into a ModelInfo, with errors that say what is wrong."""
+    props = {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
+    missing = [k for k in REQUIRED if k not in props]
+    if missing:
+        raise ModelMetadataError(
+            "not a cxr model: metadata lacks " + ", ".join(PREFIX + k for k in missing)
+            + " (export it with cxr-export)"
+        )
+    if props["format"] != FORMAT:
+        raise ModelMetadataError(f"unsupported model format {props['format']!r} (this runtime reads {FORMAT!r})")
+    parsed: dict[str, Any] = {}
+    for k, v in props.items():
+        if k in JSON_KEYS:
+            try:
+                parsed[k] = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ModelMetadataError(f"metadata {PREFIX}{k} is not valid JSON: {exc}") from None
+        else:
+            parsed[k] = v
+    classes = parsed.pop("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ModelMetadataError(f"{PREFIX}classes must be a non-empty list of names, got {classes!r}")
+    if len(set(classes)) != len(classes):
+        raise ModelMetadataError(f"{PREFIX}classes has duplicates: {classes}")
+    try:
+        pp = Preprocessing.from_dict(parsed.pop("preprocess"))
+    except (TypeError, ValueError) as exc:
+        raise ModelMetadataError(f"{PREFIX}preprocess is invalid: {exc}") from None
+    parsed.pop("format")
+    return ModelInfo(
+        classes=classes,
+        preprocess=pp,
+        arch=parsed.pop("arch", "unknown"),
+        precision=parsed.pop("precision", "fp32"),
+        input_name=parsed.pop("input_name", None),
+        output=parsed.pop("output", "probabilities"),
+        extra=parsed,
+    )

@@ -1,0 +1,1 @@
+"""cxr-train: PyTorch training for chest X-ray classifiers (``pip install '.[train]'``)."""

@@ -1,0 +1,142 @@
+"""Architectures, all with a one-channel input and ``num_classes`` logits out.
+
+``--weights FILE`` loads a local torchvision state dict (no downloads, ever) and folds the
+pretrained RGB stem into one channel by summing over the colour axis: a gray image g fed as
+(g, g, g) gives sum_c W_c * g, which is exactly what the folded kernel computes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+ARCHS = ("baseline_cnn", "resnet18", "mobilenet_v2", "squeezenet1_0", "mobilenet_v3_small", "efficientnet_b0")
+
+
+class BaselineCNN(nn.Module):
+    """The study's small CNN: conv32-pool-conv64-pool-dense128-dropout0.25, sized to the input."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, input_size: int = 224, dropout: float = 0.25):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        side = input_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
+            nn.Dropout(dropout), nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _stem_path(arch: str) -> str:
+    """State-dict prefix of the first conv (the one that sees the image)."""
+    return {
+        "resnet18": "conv1",
+        "mobilenet_v2": "features.0.0",
+        "squeezenet1_0": "features.0",
+        "mobilenet_v3_small": "features.0.0",
+        "efficientnet_b0": "features.0.0",
+        "baseline_cnn": "features.0",
+    }[arch]
+
+
+def _get_module(model: nn.Module, dotted: str) -> nn.Module:
+    m = model
+    for part in dotted.split("."):
+        m = m[int(part)] if part.isdigit() else getattr(m, part)
+    return m
+
+
+def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_path, _, last = dotted.rpartition(".")
+    parent = _get_module(model, parent_path) if parent_path else model
+    if last.isdigit():
+        parent[int(last)] = new
+    else:
+        setattr(parent, last, new)
+
+
+def _one_channel_stem(model: nn.Module, arch: str, in_channels: int) -> None:
+    path = _stem_path(arch)
+    old = _get_module(model, path)
+    assert isinstance(old, nn.Conv2d)
+    if old.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                    old.dilation, old.groups, old.bias is not None, old.padding_mode)
+    _set_module(model, path, new)
+
+
+def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
+    if arch == "resnet18":
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    elif arch in ("mobilenet_v2", "efficientnet_b0", "mobilenet_v3_small"):
+        last = model.classifier[-1]
+        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    elif arch == "squeezenet1_0":
+        old = model.classifier[1]
+        model.classifier[1] = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(model.classifier[1].weight, mean=0.0, std=0.01)
+        nn.init.zeros_(model.classifier[1].bias)
+
+
+def build_model(arch: str, num_classes: int, in_channels: int = 1, input_size: int = 224) -> nn.Module:
+    """A freshly initialised model (no pretrained weights; see ``load_pretrained``)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "baseline_cnn":
+        return BaselineCNN(num_classes, in_channels, input_size)
+    model = getattr(tvm, arch)(weights=None)
+    _replace_head(model, arch, num_classes)
+    _one_channel_stem(model, arch, in_channels)
+    return model
+
+
+def fold_rgb_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """(out, 3, k, k) RGB kernel -> (out, in_channels, k, k) with the same response to gray input."""
+    if weight.shape[1] == in_channels:
+        return weight
+    summed = weight.sum(dim=1, keepdim=True)
+    if in_channels == 1:
+        return summed
+    return summed.repeat(1, in_channels, 1, 1) / in_channels
+
+
+def load_pretrained(model: nn.Module, arch: str, weights_file: "str | Path") -> dict:
+    """Load a local torchvision state dict: fold the stem, skip the class head. Returns a summary."""
+    path = Path(weights_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    own = model.state_dict()
+    stem_key = _stem_path(arch) + ".weight"
+    loaded, skipped = [], []
+    new_state = {}
+    for k, v in state.items():
+        if k not in own:
+            skipped.append(k)
+            continue
+        if k == stem_key and v.ndim == 4 and v.shape[1] != own[k].shape[1]:
+            v = fold_rgb_stem(v, own[k].shape[1])
+        if v.shape != own[k].shape:
+            skipped.append(k)  # the class head of an ImageNet model
+            continue
+        new_state[k] = v
+        loaded.append(k)
+    if not loaded:
+        raise ValueError(f"{path} shares no tensors with {arch}; is it a torchvision {arch} state dict?")
+    model.load_state_dict(new_state, strict=False)
+    return {"file": str(path), "loaded": len(loaded), "skipped": skipped, "stem_folded": stem_key in new_state}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
