@@ -6,7 +6,10 @@ it into an error row instead of stopping a scan.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import struct
 import warnings
 from pathlib import Path
 
@@ -61,6 +64,26 @@ def to_gray8(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
+def describe_os_error(path: "str | os.PathLike[str]", exc: OSError) -> str:
+    """A reason a person can act on for an OSError raised while opening ``path``."""
+    p = os.fspath(path)
+    if exc.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if isinstance(exc, FileNotFoundError):
+        if os.path.islink(p):
+            try:
+                target = os.readlink(p)
+            except OSError:
+                target = "?"
+            return f"broken symlink (target {target!r} does not exist)"
+        return "file not found"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    if isinstance(exc, IsADirectoryError):
+        return "is a folder, not a file"
+    return f"cannot read file: {exc.strerror or exc}"
+
+
 def is_dicom_file(path: "str | os.PathLike[str]") -> bool:
     """DICOM by suffix or by the 'DICM' marker at byte 128 (files often have no suffix)."""
     p = Path(path)
@@ -74,27 +97,42 @@ def is_dicom_file(path: "str | os.PathLike[str]") -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _check_file(p: Path) -> None:
+    """Fail early, with a precise reason, on what Pillow would report vaguely."""
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ImageReadError(describe_os_error(p, exc)) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError("is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError("not a regular file (device, socket or pipe)")
+    if st.st_size == 0:
+        raise ImageReadError("empty file (0 bytes)")
+
+
 def load_image(path: "str | os.PathLike[str]") -> Image.Image:
-    """Decode ``path`` into an 8-bit grayscale image with EXIF orientation applied."""
+    """Decode ``path`` into an 8-bit grayscale image with EXIF orientation applied.
+
+    Raises ``ImageReadError`` for every failure (never another exception type for bad input).
+    """
     p = Path(path)
+    _check_file(p)
     if is_dicom_file(p):
         from .dicom import load_dicom  # optional dependency
 
         return load_dicom(p)
     try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ImageReadError(f"cannot access file: {exc.strerror or exc}") from None
-    if size == 0:
-        raise ImageReadError("empty file (0 bytes)")
-    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 w, h = im.size
+                if w < 1 or h < 1:
+                    raise ImageReadError(f"image has no pixels ({w}x{h})")
                 if w * h > MAX_PIXELS:
                     raise ImageReadError(
-                        f"image is {w}x{h} ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP limit"
+                        f"decompression bomb refused: image is {w}x{h} ({w * h / 1e6:.0f} MP), "
+                        f"over the {MAX_PIXELS / 1e6:.0f} MP limit"
                     )
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
@@ -103,16 +141,19 @@ def load_image(path: "str | os.PathLike[str]") -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(f"decompression bomb refused: {exc}") from None
-    except PermissionError:
-        raise ImageReadError("permission denied") from None
-    except FileNotFoundError:
-        raise ImageReadError("file not found (broken symlink?)") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError("not a recognised image format") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        raise ImageReadError(describe_os_error(p, exc)) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageReadError(describe_os_error(p, exc)) from None
         msg = str(exc) or exc.__class__.__name__
         if "truncated" in msg.lower():
             raise ImageReadError(f"truncated image: {msg}") from None
         raise ImageReadError(f"corrupt image: {msg}") from None
-    except (ValueError, SyntaxError, MemoryError) as exc:
-        raise ImageReadError(f"corrupt image: {exc}") from None
+    except MemoryError:
+        raise ImageReadError("out of memory while decoding") from None
+    except (ValueError, SyntaxError, TypeError, IndexError, KeyError, struct.error, EOFError) as exc:
+        # Pillow's plugins raise these for malformed headers and chunks.
+        raise ImageReadError(f"corrupt image: {exc or exc.__class__.__name__}") from None

@@ -1,0 +1,100 @@
+"""Python API for embedding the classifier in a workstation program.
+
+Load once, classify many times; the CLI runs the very same engine, so results are identical::
+
+    from cxr.runtime import Classifier
+
+    clf = Classifier.load("model.onnx")          # or Classifier.load() for the shipped model
+    p = clf.classify("patient1.png")              # a path, a PIL image or a numpy array
+    print(p.label, p.confidence, p.probabilities)
+    for r in clf.scan(["/data/xrays"]):           # folders recursively; one result per file
+        print(r.path, r.status, r.prediction.label if r.ok else r.error)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .discover import iter_inputs
+from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, iter_scan, to_prediction
+from .imageio import load_image, to_gray8
+from .preprocess import Preprocessing, preprocess
+from .session import Model, load_model
+
+
+class Classifier:
+    """A loaded cxr model plus the scan engine. Create with ``Classifier.load``."""
+
+    def __init__(self, model: Model, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None):
+        self.model = model
+        self.batch_size = batch_size
+        self.workers = workers
+
+    @classmethod
+    def load(
+        cls,
+        path: "str | os.PathLike[str] | None" = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        precision: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        workers: int | None = None,
+    ) -> "Classifier":
+        """Open ``path`` (default: the shipped model, ``precision`` "fp32"/"int8" choosing which).
+
+        ``device``: "cpu", "cuda" or "auto". Raises ``ModelLoadError`` when the model cannot be used.
+
+        >>> clf = Classifier.load("model.onnx", threads=2)  # doctest: +SKIP
+        """
+        return cls(load_model(path, device=device, threads=threads, precision=precision), batch_size, workers)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.model.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.model.info.preprocess
+
+    def _tensor(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> np.ndarray:
+        if isinstance(x, (str, os.PathLike)):
+            x = load_image(x)
+        elif isinstance(x, Image.Image):
+            x = to_gray8(x)
+        return preprocess(x, self.preprocessing)
+
+    def classify(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> Prediction:
+        """Classify one image: a file path, a PIL image (any mode) or a numpy array
+        (2-D grayscale of any dtype, or HxWx3/4 uint8 colour). Raises ``ImageReadError`` for an
+        unreadable file.
+
+        >>> clf.classify(np.zeros((512, 512), np.uint8)).label  # doctest: +SKIP
+        'Normal'
+        """
+        probs = self.model.run(self._tensor(x)[None])[0]
+        return to_prediction(probs, self.model.classes)
+
+    def classify_many(self, paths: "Iterable[str | os.PathLike[str]]") -> list[ScanResult]:
+        """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order."""
+        return list(iter_scan(self.model, [os.fspath(p) for p in paths],
+                              batch_size=self.batch_size, workers=self.workers))
+
+    def scan(
+        self, paths_or_dirs: "Iterable[str | os.PathLike[str]] | str | os.PathLike[str]",
+        stats: ScanStats | None = None,
+    ) -> Iterator[ScanResult]:
+        """Iterate results for files and folders (recursive, sorted), exactly as ``cxr-infer scan``.
+
+        Non-image files inside folders are skipped and counted in ``stats.skipped``.
+
+        >>> stats = ScanStats()
+        >>> rows = list(clf.scan("/data/xrays", stats=stats))  # doctest: +SKIP
+        """
+        if isinstance(paths_or_dirs, (str, os.PathLike)):
+            paths_or_dirs = [paths_or_dirs]
+        return iter_scan(self.model, iter_inputs(paths_or_dirs), batch_size=self.batch_size,
+                         workers=self.workers, stats=stats)

@@ -1,0 +1,155 @@
+"""``cxr-infer``: scan folders of chest X-rays, and inspect model files.
+
+Only click is imported at module level; numpy, Pillow and onnxruntime load inside the commands,
+so ``cxr-infer --help`` answers instantly. Other commands (e.g. ``bench``) register on ``cli``.
+
+Exit status: 0 every file classified, 1 some files became error rows (output still complete),
+2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from . import __version__
+
+EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
+
+
+def _fail(ctx: click.Context, message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(EXIT_USAGE)
+
+
+def _load(ctx: click.Context, model_path, device, threads, precision):
+    from .session import ModelLoadError, load_model
+
+    if model_path is not None and precision is not None:
+        raise click.UsageError("--precision picks one of the shipped models; it cannot be combined with --model")
+    try:
+        return load_model(model_path, device=device, threads=threads, precision=precision)
+    except ModelLoadError as exc:
+        _fail(ctx, str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cxr-infer")
+def cli() -> None:
+    """Classify chest X-rays with a self-describing ONNX model (CPU or CUDA), no PyTorch needed."""
+
+
+model_option = click.option(
+    "--model", "model_path", type=click.Path(dir_okay=False), default=None,
+    help="ONNX model made by cxr-export. Default: the shipped model.",
+)
+precision_option = click.option(
+    "--precision", type=click.Choice(["fp32", "int8"]), default=None,
+    help="Which shipped model to use (default: the manifest's choice). Not with --model.",
+)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@model_option
+@precision_option
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="cpu, cuda (error if unavailable) or auto (CUDA when present).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per inference call.")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="onnxruntime intra-op threads (default/0: one per physical core).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Decode+preprocess threads (default: min(4, CPUs)).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Output format. Default: from --output's suffix (.csv/.jsonl/.json), "
+                   "else table on a terminal and csv otherwise.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Write results to FILE instead of stdout.")
+@click.option("--report", type=click.Path(dir_okay=False), default=None,
+              help="Also write the latency report as JSON to FILE.")
+@click.pass_context
+def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report):
+    """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
+
+    One record per file: a prediction, or an error with its reason. A summary and the latency
+    report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error.
+    """
+    model = _load(ctx, model_path, device, threads, precision)
+    from .discover import iter_inputs
+    from .engine import ScanStats, default_workers, iter_scan
+    from .latency import build_report, format_report, write_report
+    from .output import Progress, format_for_output, format_summary, make_writer
+
+    for note in model.notes:
+        click.echo(note, err=True)
+    fmt = fmt or format_for_output(output, sys.stdout.isatty())
+    workers = workers or default_workers()
+    if output:
+        try:
+            stream = open(output, "w", encoding="utf-8", errors="backslashreplace", newline="")
+        except OSError as exc:
+            _fail(ctx, f"cannot write {output}: {exc.strerror or exc}")
+    else:
+        stream = sys.stdout
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    stats = ScanStats()
+    progress = Progress(stats)
+    writer = make_writer(fmt, stream, model.classes)
+    try:
+        for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats):
+            writer.write(result)
+            progress.update()
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        progress.close()
+        writer.close()
+        if output:
+            stream.close()
+    if stats.files == 0 and not stats.interrupted:
+        click.echo("warning: no image files found in " + ", ".join(map(str, paths)), err=True)
+    click.echo(format_summary(stats, model.classes), err=True)
+    rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size), workers=workers)
+    click.echo(format_report(rep), err=True)
+    if report:
+        rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
+                          "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
+                          "skip_reasons": dict(stats.skip_reasons)}
+        try:
+            write_report(rep, report)
+        except OSError as exc:
+            click.echo(f"error: cannot write report {report}: {exc.strerror or exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+    if stats.interrupted:
+        ctx.exit(EXIT_INTERRUPTED)
+    ctx.exit(EXIT_SOME_ERRORS if stats.errors else EXIT_OK)
+
+
+@cli.command()
+@click.argument("model_path", required=False, type=click.Path(dir_okay=False))
+@precision_option
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@click.pass_context
+def info(ctx, model_path, precision, as_json):
+    """Show what a model file says about itself (default: the shipped model): classes, input,
+    preprocessing, architecture, training data, metrics, quantization, size and sha256."""
+    import json
+
+    model = _load(ctx, model_path, "cpu", 1, precision)
+    from .modelinfo import describe_model, format_description
+
+    d = describe_model(model)
+    click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (``cxr-infer``)."""
+    cli.main(args=argv, prog_name="cxr-infer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""DICOM -> 8-bit grayscale, the way a radiologist's viewer would show it.
+
+Order follows the DICOM display pipeline: stored values -> modality LUT / rescale slope and
+intercept -> VOI LUT or window centre/width -> stretch to 8 bits -> invert MONOCHROME1 (where
+high values mean dark) so every image reaches the model with bone bright, as in the PNGs it
+was trained on. pydicom is the optional ``dicom`` extra; without it a DICOM file becomes an
+error row that says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from .imageio import ImageReadError, array_to_gray8
+
+INSTALL_HINT = 'DICOM support needs pydicom: pip install "cxr-infer[dicom]"'
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise ImageReadError(INSTALL_HINT) from None
+    try:  # pydicom >= 3
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    return pydicom, apply_modality_lut, apply_voi_lut
+
+
+def load_dicom(path: "str | os.PathLike[str]") -> Image.Image:
+    """Read a DICOM file into a PIL "L" image; every failure is an ``ImageReadError``."""
+    pydicom, apply_modality_lut, apply_voi_lut = _pydicom()
+    try:
+        ds = pydicom.dcmread(os.fspath(path), force=True)
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise ImageReadError(f"corrupt DICOM: {exc or exc.__class__.__name__}") from None
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError("DICOM file has no pixel data (a report, structured document or not DICOM)")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        msg = str(exc) or exc.__class__.__name__
+        if "handler" in msg.lower() or "decoder" in msg.lower() or "plugin" in msg.lower():
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(ts, "name", ts)
+            raise ImageReadError(
+                f"DICOM pixel data is compressed ({name}) and no decoder is installed: "
+                "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+            ) from None
+        raise ImageReadError(f"corrupt DICOM pixel data: {msg}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        arr = arr[0]  # multi-frame: the first frame is the image a viewer opens on
+    if samples > 1 or arr.ndim == 3:
+        if photometric.startswith("YBR"):
+            arr = arr[..., 0]  # the Y (luma) plane is the grayscale image
+        else:
+            arr = arr.astype(np.float64).mean(axis=-1)
+        return array_to_gray8(arr)
+    try:
+        arr = apply_modality_lut(arr, ds)
+        arr = apply_voi_lut(arr, ds)
+    except Exception as exc:
+        raise ImageReadError(f"invalid DICOM LUT/windowing: {exc or exc.__class__.__name__}") from None
+    img = array_to_gray8(np.asarray(arr))
+    if photometric == "MONOCHROME1":
+        img = Image.fromarray(255 - np.asarray(img, dtype=np.uint8), mode="L")
+    return img

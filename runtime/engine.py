@@ -1,0 +1,247 @@
+"""The scan engine shared by the CLI, the Python API and benchmarks.
+
+Decoding and preprocessing run in a thread pool (Pillow and numpy release the GIL) while the
+main thread runs batched onnxruntime inference, so the two overlap. At most ``prefetch`` files
+are in flight at once, which bounds memory no matter how many files the scan covers; the file
+list itself is consumed lazily. Results come back in input order, one per file, each either a
+prediction or an error -- a bad file never stops the scan.
+
+Entry points: ``iter_scan`` (a generator; results are yielded as each batch finishes) and
+``scan_files`` (a list of results plus ``ScanStats``, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from array import array
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .discover import Entry
+from .imageio import ImageReadError, load_image
+from .preprocess import Preprocessing, preprocess
+from .session import Model
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def default_workers() -> int:
+    """Decode threads: enough to keep inference fed, few enough not to starve it."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model says about one image: the top class and every class's probability."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One input file's outcome: ``prediction`` when it was classified, else ``error``."""
+
+    path: str
+    prediction: Prediction | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.prediction is not None else "error"
+
+    @property
+    def ok(self) -> bool:
+        return self.prediction is not None
+
+
+@dataclass
+class ScanStats:
+    """Counts and stage timings of one scan; the latency report is computed from this."""
+
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    by_class: Counter = field(default_factory=Counter)
+    skip_reasons: Counter = field(default_factory=Counter)
+    read_s: float = 0.0  # summed over images (decode threads run in parallel)
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0  # main thread, batched
+    batches: int = 0
+    image_latency_s: array = field(default_factory=lambda: array("d"))  # batch time / batch size, per image
+    started: float | None = None
+    finished: float | None = None
+    interrupted: bool = False
+
+    @property
+    def files(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def wall_s(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.perf_counter()) - self.started
+
+    def count(self, result: ScanResult) -> None:
+        if result.prediction is not None:
+            self.ok += 1
+            self.by_class[result.prediction.label] += 1
+        else:
+            self.errors += 1
+
+    def add_skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reasons[reason] += 1
+
+    def add_batch(self, n: int, seconds: float) -> None:
+        self.batches += 1
+        self.inference_s += seconds
+        self.image_latency_s.extend([seconds / n] * n)
+
+
+def to_prediction(probs: np.ndarray, classes: list[str]) -> Prediction:
+    i = int(np.argmax(probs))
+    return Prediction(
+        label=classes[i],
+        confidence=float(probs[i]),
+        probabilities={c: float(p) for c, p in zip(classes, probs)},
+    )
+
+
+def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None, float, float]:
+    """Read + preprocess one file (runs in a worker thread): (tensor, error, read_s, preprocess_s)."""
+    t0 = time.perf_counter()
+    try:
+        image = load_image(path)
+    except ImageReadError as exc:
+        return None, str(exc), time.perf_counter() - t0, 0.0
+    except MemoryError:
+        return None, "out of memory while decoding", time.perf_counter() - t0, 0.0
+    except Exception as exc:  # a decoder bug must still become an error row, not end the scan
+        return None, f"unexpected read error: {exc.__class__.__name__}: {exc}", time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        x = preprocess(image, pp)
+    except Exception as exc:
+        return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1
+    return x, None, t1 - t0, time.perf_counter() - t1
+
+
+def _as_entry(item: "Entry | str | os.PathLike[str]") -> Entry:
+    return item if isinstance(item, Entry) else Entry(os.fspath(item))
+
+
+def iter_scan(
+    model: Model,
+    entries: "Iterable[Entry | str | os.PathLike[str]]",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    stats: ScanStats | None = None,
+) -> Iterator[ScanResult]:
+    """Yield one ScanResult per scanned entry, in input order; skip entries only update ``stats``.
+
+    ``entries`` are ``discover.Entry`` objects (from ``iter_inputs``) or plain file paths (always
+    read, never skipped). Pass a ``ScanStats`` to get counts and timings while or after iterating.
+    """
+    stats = stats if stats is not None else ScanStats()
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if model.max_batch:
+        batch_size = min(batch_size, model.max_batch)
+    workers = workers or default_workers()
+    prefetch = max(2 * batch_size, batch_size + 2 * workers)
+    pp, classes = model.info.preprocess, model.classes
+    source = iter(entries)
+    pending: deque[tuple[Entry, Future | None]] = deque()
+    exhausted = False
+    if stats.started is None:
+        stats.started = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-decode")
+
+    def fill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(pending) < prefetch:
+            item = next(source, None)
+            if item is None:
+                exhausted = True
+                return
+            entry = _as_entry(item)
+            if entry.skip is not None:
+                stats.add_skip(entry.skip)
+            elif entry.error is not None:
+                pending.append((entry, None))
+            else:
+                pending.append((entry, pool.submit(prepare, entry.path, pp)))
+
+    try:
+        while True:
+            fill()
+            if not pending:
+                break
+            # A chunk: consecutive entries until batch_size of them are ready for the model.
+            chunk: list[tuple[str, np.ndarray | None, str | None]] = []
+            tensors: list[np.ndarray] = []
+            while pending and len(tensors) < batch_size:
+                entry, fut = pending.popleft()
+                if fut is None:
+                    chunk.append((entry.path, None, entry.error))
+                else:
+                    x, err, read_s, pre_s = fut.result()
+                    stats.read_s += read_s
+                    stats.preprocess_s += pre_s
+                    chunk.append((entry.path, x, err))
+                    if x is not None:
+                        tensors.append(x)
+                fill()  # keep the decode threads busy while this thread waits or infers
+            probs: np.ndarray | None = None
+            infer_error = None
+            if tensors:
+                batch = np.stack(tensors)
+                t0 = time.perf_counter()
+                try:
+                    probs = model.run(batch)
+                except Exception as exc:
+                    infer_error = f"inference failed: {exc}"
+                stats.add_batch(len(tensors), time.perf_counter() - t0)
+            k = 0
+            for path, x, err in chunk:
+                if x is None:
+                    result = ScanResult(path, error=err)
+                elif infer_error is not None:
+                    result = ScanResult(path, error=infer_error)
+                else:
+                    p = probs[k]
+                    k += 1
+                    if not np.all(np.isfinite(p)):
+                        result = ScanResult(path, error="model produced non-finite probabilities")
+                    else:
+                        result = ScanResult(path, prediction=to_prediction(p, classes))
+                stats.count(result)
+                yield result
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        raise
+    finally:
+        stats.finished = time.perf_counter()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def scan_files(
+    model: Model,
+    paths: "Iterable[Entry | str | os.PathLike[str]]",
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+) -> tuple[list[ScanResult], ScanStats]:
+    """Scan ``paths`` to completion: (results in input order, stats). For benchmarks and tests."""
+    stats = ScanStats()
+    results = list(iter_scan(model, paths, batch_size=batch_size, workers=workers, stats=stats))
+    return results, stats

@@ -1,0 +1,106 @@
+"""Classification metrics in plain numpy, shared by training, export and the benchmark.
+
+Sensitivity is per-class recall (one-vs-rest); specificity is the true-negative rate of the
+same one-vs-rest split. AUC is one-vs-rest, computed from ranks (Mann-Whitney U), so it
+needs no sklearn. ECE uses equal-width confidence bins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return cm
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
+    """One-vs-rest ROC AUC per class; None where a class has no positives or no negatives."""
+    y_true = np.asarray(y_true)
+    out: list[float | None] = []
+    for c in range(probs.shape[1]):
+        pos = y_true == c
+        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+        if n_pos == 0 or n_neg == 0:
+            out.append(None)
+            continue
+        scores = probs[:, c]
+        order = np.argsort(scores, kind="mergesort")
+        ranks = np.empty(len(scores), dtype=np.float64)
+        sorted_scores = scores[order]
+        # average ranks for ties
+        i = 0
+        while i < len(sorted_scores):
+            j = i
+            while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+                j += 1
+            ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+            i = j + 1
+        u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
+        out.append(float(u / (n_pos * n_neg)))
+    return out
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == np.asarray(y_true)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (conf > lo) & (conf <= hi)
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def classification_report(y_true, y_pred, classes: list[str], probs: np.ndarray | None = None) -> dict:
+    """Accuracy, macro-F1 and per-class precision/sensitivity/specificity/F1 (+AUC, ECE with probs)."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    k = len(classes)
+    cm = confusion_matrix(y_true, y_pred, k)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    n = cm.sum()
+    precision = _safe_div(tp, predicted)
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    tn = n - support - predicted + tp
+    specificity = _safe_div(tn, n - support)
+    present = support > 0
+    report = {
+        "n": int(n),
+        "accuracy": float(tp.sum() / n) if n else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "classes": list(classes),
+        "confusion_matrix": cm.tolist(),
+        "per_class": {
+            c: {
+                "support": int(support[i]),
+                "precision": float(precision[i]),
+                "sensitivity": float(recall[i]),
+                "specificity": float(specificity[i]),
+                "f1": float(f1[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+    }
+    if probs is not None:
+        probs = np.asarray(probs, dtype=np.float64)
+        aucs = roc_auc_ovr(y_true, probs)
+        for c, a in zip(classes, aucs):
+            report["per_class"][c]["roc_auc"] = a
+        valid = [a for a in aucs if a is not None]
+        report["macro_roc_auc"] = float(np.mean(valid)) if valid else None
+        report["ece"] = expected_calibration_error(y_true, probs)
+    return report

@@ -1,0 +1,85 @@
+"""What a model file says about itself, for ``cxr-infer info`` and model cards.
+
+Built from the same ``metadata_props`` the runtime serves with, so the card cannot drift
+from the model it describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .session import Model
+
+
+def sha256_file(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_model(model: Model) -> dict[str, Any]:
+    """A JSON-ready description of a loaded model (file, I/O, preprocessing, provenance, metrics)."""
+    info = model.info
+    path = Path(model.path)
+    inp = next(i for i in model.session.get_inputs() if i.name == model.input_name)
+    out = next(o for o in model.session.get_outputs() if o.name == model.output_name)
+    extra = dict(info.extra)
+    d: dict[str, Any] = {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "classes": list(info.classes),
+        "input": {"name": inp.name, "shape": [d if isinstance(d, int) else str(d) for d in inp.shape],
+                  "type": inp.type},
+        "output": {"name": out.name, "shape": [d if isinstance(d, int) else str(d) for d in out.shape],
+                   "type": out.type},
+        "preprocess": info.preprocess.to_dict(),
+        "arch": info.arch,
+        "precision": info.precision,
+    }
+    for key in ("training_data", "metrics", "quantization", "parity", "intended_use",
+                "checkpoint_sha256", "created", "producer"):
+        d[key] = extra.pop(key, None)
+    d["other_metadata"] = extra
+    return d
+
+
+def _fmt(value: Any, indent: str) -> str:
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, indent=2, sort_keys=True)
+        return "\n".join(indent + line for line in text.splitlines())
+    return indent + str(value)
+
+
+def format_description(d: dict[str, Any]) -> str:
+    """Human-readable ``info`` output: one line per scalar, indented JSON for structures."""
+    size_mb = d["size_bytes"] / 1e6
+    inp, out = d["input"], d["output"]
+    lines = [
+        f"file           {d['file']}",
+        f"size           {d['size_bytes']} bytes ({size_mb:.2f} MB)",
+        f"sha256         {d['sha256']}",
+        f"arch           {d['arch']}",
+        f"precision      {d['precision']}",
+        f"classes        {', '.join(d['classes'])}",
+        f"input          {inp['name']} {inp['type']} {inp['shape']}",
+        f"output         {out['name']} {out['type']} {out['shape']}",
+        "preprocess     " + ", ".join(f"{k}={v}" for k, v in d["preprocess"].items()),
+    ]
+    for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
+        if d.get(key):
+            lines.append(f"{key:<14} {d[key]}")
+    for key in ("training_data", "metrics", "quantization", "parity", "other_metadata"):
+        value = d.get(key)
+        if value in (None, {}, []):
+            lines.append(f"{key:<14} (not recorded)" if key != "other_metadata" else "")
+            continue
+        lines.append(f"{key}:")
+        lines.append(_fmt(value, "  "))
+    return "\n".join(line for line in lines if line != "")

@@ -1,0 +1,194 @@
+"""Result writers (csv, jsonl, json, table), the summary and the progress line.
+
+Every writer flushes after each record, so a scan that is interrupted -- Ctrl-C, a killed
+process, a full disk later on -- leaves every finished row on disk. Paths that are not valid
+UTF-8 (Python carries them as surrogate escapes) are shown with backslash escapes instead of
+crashing the writer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from typing import IO, Any
+
+from .engine import ScanResult, ScanStats
+
+FORMATS = ("table", "csv", "jsonl", "json")
+PROB_DECIMALS = 6
+
+
+def display_path(path: str) -> str:
+    """A printable form of ``path``: undecodable bytes become ``\\xNN`` escapes."""
+    try:
+        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that did not come from surrogateescape
+        return path.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def columns(classes: list[str]) -> list[str]:
+    return ["path", "prediction", "confidence", *[f"p_{c}" for c in classes], "status", "error"]
+
+
+def result_record(result: ScanResult, classes: list[str]) -> dict[str, Any]:
+    """One output record; probabilities rounded to 6 decimals, empty (None) on error rows."""
+    pred = result.prediction
+    rec: dict[str, Any] = {
+        "path": display_path(result.path),
+        "prediction": pred.label if pred else None,
+        "confidence": round(pred.confidence, PROB_DECIMALS) if pred else None,
+    }
+    for c in classes:
+        rec[f"p_{c}"] = round(pred.probabilities[c], PROB_DECIMALS) if pred else None
+    rec["status"] = result.status
+    rec["error"] = result.error
+    return rec
+
+
+class Writer:
+    def __init__(self, stream: IO[str], classes: list[str]):
+        self.stream = stream
+        self.classes = classes
+        self.columns = columns(classes)
+
+    def write(self, result: ScanResult) -> None:
+        self._write(result_record(result, self.classes))
+        self.stream.flush()
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{PROB_DECIMALS}f}"
+    return str(v)
+
+
+class CsvWriter(Writer):
+    def __init__(self, stream, classes):
+        super().__init__(stream, classes)
+        self._csv = csv.writer(stream, lineterminator="\n")
+        self._csv.writerow(self.columns)
+        stream.flush()
+
+    def _write(self, rec):
+        self._csv.writerow([_csv_cell(rec[c]) for c in self.columns])
+
+
+class JsonlWriter(Writer):
+    def _write(self, rec):
+        self.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+class JsonWriter(Writer):
+    """A JSON array, streamed element by element; ``close`` ends it so the file parses."""
+
+    def __init__(self, stream, classes):
+        super().__init__(stream, classes)
+        self._n = 0
+        stream.write("[")
+
+    def _write(self, rec):
+        self.stream.write(("\n" if self._n == 0 else ",\n") + json.dumps(rec, ensure_ascii=False))
+        self._n += 1
+
+    def close(self):
+        self.stream.write("\n]\n" if self._n else "]\n")
+        super().close()
+
+
+class TableWriter(Writer):
+    """Aligned columns for people; the path goes last so long paths do not break alignment."""
+
+    def __init__(self, stream, classes):
+        super().__init__(stream, classes)
+        self._w = max([len("prediction"), len("ERROR"), *map(len, classes)])
+        self._pw = [max(len(f"p_{c}"), 6) for c in classes]
+        head = [f"{'prediction':<{self._w}}", f"{'conf':>6}"]
+        head += [f"{f'p_{c}':>{w}}" for c, w in zip(classes, self._pw)]
+        stream.write("  ".join(head + ["path"]) + "\n")
+        stream.flush()
+
+    def _write(self, rec):
+        if rec["status"] == "ok":
+            cells = [f"{rec['prediction']:<{self._w}}", f"{rec['confidence']:>6.3f}"]
+            cells += [f"{rec[f'p_{c}']:>{w}.3f}" for c, w in zip(self.classes, self._pw)]
+            self.stream.write("  ".join(cells + [rec["path"]]) + "\n")
+        else:
+            cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw]
+            self.stream.write("  ".join(cells + [f"{rec['path']}  ({rec['error']})"]) + "\n")
+
+
+_WRITERS = {"csv": CsvWriter, "jsonl": JsonlWriter, "json": JsonWriter, "table": TableWriter}
+
+
+def make_writer(fmt: str, stream: IO[str], classes: list[str]) -> Writer:
+    try:
+        return _WRITERS[fmt](stream, classes)
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}") from None
+
+
+def format_for_output(output: str | None, stdout_is_tty: bool) -> str:
+    """Default format: from --output's suffix (.csv/.jsonl/.json), else table on a terminal, else csv."""
+    if output:
+        for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv")):
+            if output.lower().endswith(suffix):
+                return fmt
+        return "csv"
+    return "table" if stdout_is_tty else "csv"
+
+
+def format_summary(stats: ScanStats, classes: list[str]) -> str:
+    """Counts per predicted class, errors and skipped (with reasons), for stderr."""
+    head = "scan interrupted" if stats.interrupted else "scan finished"
+    lines = [
+        f"{head}: {stats.files} files in {stats.wall_s:.2f} s -- {stats.ok} classified, "
+        f"{stats.errors} errors, {stats.skipped} skipped"
+    ]
+    w = max([len("skipped"), *map(len, classes)])
+    for c in classes:
+        lines.append(f"  {c:<{w}}  {stats.by_class.get(c, 0)}")
+    lines.append(f"  {'errors':<{w}}  {stats.errors}")
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(stats.skip_reasons.items()))
+    lines.append(f"  {'skipped':<{w}}  {stats.skipped}" + (f" ({reasons})" if reasons else ""))
+    return "\n".join(lines)
+
+
+class Progress:
+    """A one-line counter on stderr, redrawn at most 10 times a second; silent off a terminal."""
+
+    def __init__(self, stats: ScanStats, stream: IO[str] | None = None, enabled: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.stats = stats
+        self._last = 0.0
+        self._drawn = False
+
+    def update(self) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        s = self.stats
+        rate = s.ok / s.wall_s if s.wall_s > 0 else 0.0
+        self.stream.write(
+            f"\r{s.files} files  {s.ok} ok  {s.errors} errors  {s.skipped} skipped  {rate:.1f} img/s "
+        )
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        if self._drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

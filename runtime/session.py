@@ -1,0 +1,207 @@
+"""Open a cxr ONNX model on the requested device, and refuse loudly when that is impossible.
+
+Everything that can be wrong with a model (missing file, not ONNX, not a cxr model, input shape
+that contradicts its own metadata, CUDA asked for but absent) is found here, at load time, as a
+``ModelLoadError`` -- the CLI's exit status 2 -- never half-way through a scan.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metadata import ModelInfo, ModelMetadataError, decode_props
+
+DEVICES = ("cpu", "cuda", "auto")
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+
+
+class ModelLoadError(Exception):
+    """The model cannot be used as asked; ``str(err)`` says why and what to do."""
+
+
+def resolve_model_path(path: "str | os.PathLike[str] | None", precision: str | None = None) -> Path:
+    """An explicit path, or the shipped model for ``precision`` (``cxr.models`` manifest)."""
+    if path is not None:
+        if precision is not None:
+            raise ModelLoadError("precision selects a shipped model; do not combine it with an explicit model path")
+        return Path(path)
+    from cxr.models import NoShippedModelError, default_model_path
+
+    try:
+        return default_model_path(precision)
+    except NoShippedModelError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def resolve_providers(device: str) -> list[str]:
+    """Execution providers for ``device``; CUDA that is not available is an error, not a fallback."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise ModelLoadError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU_EP]
+    if CUDA_EP in available:
+        return [CUDA_EP, CPU_EP]
+    if device == "auto":
+        return [CPU_EP]
+    raise ModelLoadError(
+        "--device cuda asked for, but onnxruntime has no CUDAExecutionProvider "
+        f"(available providers: {', '.join(available)}); install onnxruntime-gpu with a matching "
+        "CUDA, or use --device cpu"
+    )
+
+
+@dataclass
+class Model:
+    """A loaded model: the onnxruntime session plus what its metadata says about it."""
+
+    path: Path
+    info: ModelInfo
+    session: Any
+    input_name: str
+    output_name: str
+    providers: list[str]
+    device: str
+    threads: int | None
+    session_create_ms: float
+    load_ms: float
+    max_batch: int | None = None  # set when the graph has a fixed batch dimension
+    first_inference_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.info.classes
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, C, S, S] -> probabilities [N, K]."""
+        out = self.session.run([self.output_name], {self.input_name: batch})[0]
+        return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
+
+    def warmup(self) -> float:
+        """One inference on a blank image: lazily allocated buffers and kernels get built here,
+        not in the first real batch. Returns (and records) the first-inference time in ms."""
+        pp = self.info.preprocess
+        x = np.zeros((1, pp.channels, pp.size, pp.size), dtype=np.float32)
+        t0 = time.perf_counter()
+        try:
+            out = self.run(x)
+        except Exception as exc:
+            raise ModelLoadError(f"{self.path}: inference on a blank input failed: {exc}") from None
+        self.first_inference_ms = (time.perf_counter() - t0) * 1e3
+        if out.shape != (1, len(self.classes)):
+            raise ModelLoadError(
+                f"{self.path}: output {self.output_name!r} has shape {list(out.shape)} for one image, "
+                f"but metadata lists {len(self.classes)} classes"
+            )
+        return self.first_inference_ms
+
+
+def _session_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = int(threads or 0)  # 0: onnxruntime picks (physical cores)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3  # errors only: warnings would interleave with the report
+    return so
+
+
+def _check_io(path: Path, session, info: ModelInfo) -> tuple[str, str, int | None]:
+    inputs = session.get_inputs()
+    if info.input_name:
+        match = [i for i in inputs if i.name == info.input_name]
+        if not match:
+            raise ModelLoadError(f"{path}: metadata names input {info.input_name!r}, the graph has "
+                                 f"{[i.name for i in inputs]}")
+        inp = match[0]
+    elif len(inputs) == 1:
+        inp = inputs[0]
+    else:
+        raise ModelLoadError(f"{path}: graph has {len(inputs)} inputs and metadata names none")
+    if inp.type != "tensor(float)":
+        raise ModelLoadError(f"{path}: input {inp.name!r} is {inp.type}, expected tensor(float)")
+    shape = list(inp.shape)
+    pp = info.preprocess
+    expected = [None, pp.channels, pp.size, pp.size]
+    if len(shape) != 4:
+        raise ModelLoadError(f"{path}: input {inp.name!r} has shape {shape}, expected [N, C, S, S]")
+    for dim, want, what in zip(shape[1:], expected[1:], ("channels", "height", "width")):
+        if isinstance(dim, int) and dim != want:
+            raise ModelLoadError(
+                f"{path}: input {what} is {dim} but the preprocessing metadata says {want} (input shape {shape})"
+            )
+    max_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    outputs = [o.name for o in session.get_outputs()]
+    if info.output in outputs:
+        out = info.output
+    elif len(outputs) == 1:
+        out = outputs[0]
+    else:
+        raise ModelLoadError(f"{path}: no output named {info.output!r} among {outputs}")
+    return inp.name, out, max_batch
+
+
+def load_model(
+    path: "str | os.PathLike[str] | None" = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    precision: str | None = None,
+    warmup: bool = True,
+) -> Model:
+    """Load and validate a model; ``path=None`` means the shipped one. Raises ModelLoadError.
+
+    ``load_ms`` covers finding the file, session creation and metadata checks, not the one-off
+    ``import onnxruntime``.
+    """
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    path = resolve_model_path(path, precision)
+    if not path.is_file():
+        raise ModelLoadError(f"model file not found: {path}" if not path.exists() else f"not a file: {path}")
+    providers = resolve_providers(device)
+    t1 = time.perf_counter()
+    try:
+        session = ort.InferenceSession(os.fspath(path), sess_options=_session_options(threads), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own types for invalid/unsupported graphs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise ModelLoadError(f"{path}: not a loadable ONNX model: {first}") from None
+    session_ms = (time.perf_counter() - t1) * 1e3
+    active = session.get_providers()
+    if CUDA_EP in providers and CUDA_EP not in active:
+        raise ModelLoadError(
+            f"CUDAExecutionProvider is installed but could not start (active: {', '.join(active)}); "
+            "check the CUDA/cuDNN libraries, or use --device cpu"
+        )
+    try:
+        info = decode_props(session.get_modelmeta().custom_metadata_map)
+    except ModelMetadataError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    input_name, output_name, max_batch = _check_io(path, session, info)
+    notes = []
+    if CUDA_EP in active and info.precision == "int8":
+        notes.append(
+            "note: this is an int8 (QDQ) model; the CUDA provider runs it no faster than fp32 "
+            "(use the fp32 model on GPU, int8 on CPU)"
+        )
+    model = Model(
+        path=path, info=info, session=session, input_name=input_name, output_name=output_name,
+        providers=active, device=device, threads=threads, session_create_ms=session_ms,
+        load_ms=0.0, max_batch=max_batch, notes=notes,
+    )
+    model.load_ms = (time.perf_counter() - t0) * 1e3
+    if warmup:
+        model.warmup()
+    return model
