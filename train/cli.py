@@ -1,0 +1,80 @@
+"""``cxr-train``: train a chest X-ray classifier from a folder of images.
+
+Works the same under ``torchrun --nproc_per_node=N cxr-train ...`` (DistributedDataParallel).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .models import ARCHS
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Labelled folder: <Class>/images/*.png or <Class>/*.")
+@click.option("--arch", type=click.Choice(ARCHS), default="mobilenet_v2")
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run directory (created).")
+@click.option("--image-size", type=int, default=224, help="Square input size in pixels.")
+@click.option("--resize", type=click.Choice(["squash", "center_crop", "pad"]), default="squash", help="How non-square images fit the input.")
+@click.option("--epochs", type=int, default=30)
+@click.option("--batch-size", type=int, default=32)
+@click.option("--lr", type=float, default=1e-3, help="Peak AdamW learning rate (after warm-up).")
+@click.option("--weight-decay", type=float, default=0.01)
+@click.option("--warmup-epochs", type=float, default=1.0)
+@click.option("--label-smoothing", type=float, default=0.05)
+@click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy (default weighs classes by inverse training frequency).")
+@click.option("--patience", type=int, default=8, help="Early stop after this many epochs without val macro-F1 gain (0: off).")
+@click.option("--seed", type=int, default=0)
+@click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False), help="Reuse a split.json so experiments share one test set.")
+@click.option("--split-fractions", type=(float, float, float), default=(0.70, 0.15, 0.15), help="train val test")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local torchvision state dict (ImageNet); the RGB stem is folded to 1 channel.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--threads", type=int, help="torch intra-op threads (default: all cores).")
+@click.option("--workers", type=int, help="Decode threads for the one-time image cache.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Keep decoded uint8 images on disk between runs.")
+@click.option("--no-augment", is_flag=True, help="Disable all augmentation.")
+@click.option("--no-robust-augment", is_flag=True, help="Keep only the study's flip/rotate/zoom augmentation.")
+@click.option("--no-shift-eval", is_flag=True, help="Skip the acquisition-shift test (resize 299 + JPEG q75).")
+@click.option("--limit-per-class", type=int, help="Use at most N training images per class (quick experiments).")
+@click.option("--dataset-name", help="Name recorded in the checkpoint (default: the data folder's name).")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (its config wins except --epochs).")
+def main(**kw) -> None:
+    """Train ARCH on DATA and write checkpoint, split, metrics, plots and a test report to OUT."""
+    from .engine import TrainConfig, run
+
+    out = Path(kw["out"])
+    if kw["resume"]:
+        cfg_file = out / "config.json"
+        if not (out / "last.pt").is_file() or not cfg_file.is_file():
+            raise click.UsageError(f"--resume: no last.pt/config.json in {out}")
+        saved = json.loads(cfg_file.read_text())
+        saved["epochs"] = kw["epochs"]
+        saved["split_fractions"] = tuple(saved["split_fractions"])
+        cfg = TrainConfig(**saved)
+    else:
+        if not kw["data"] and not kw["split_file"]:
+            raise click.UsageError("--data DIR (or --split FILE) is required")
+        if (out / "last.pt").is_file():
+            raise click.UsageError(f"{out} already holds a run; use --resume or another --out")
+        cfg = TrainConfig(
+            data=kw["data"], out=str(out), arch=kw["arch"], image_size=kw["image_size"], resize=kw["resize"],
+            epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
+            warmup_epochs=kw["warmup_epochs"], label_smoothing=kw["label_smoothing"],
+            class_weights=not kw["no_class_weights"], patience=kw["patience"], seed=kw["seed"],
+            split=kw["split_file"], split_fractions=tuple(kw["split_fractions"]), weights=kw["weights"],
+            device=kw["device"], threads=kw["threads"], workers=kw["workers"], cache_dir=kw["cache_dir"],
+            augment=not kw["no_augment"], robust_augment=not kw["no_robust_augment"],
+            shift_eval=not kw["no_shift_eval"], limit_per_class=kw["limit_per_class"],
+            dataset_name=kw["dataset_name"],
+        )
+    report = run(cfg)
+    if report:
+        print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1") if k in report}), file=sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
