@@ -4,11 +4,13 @@ Only click is imported at module level; numpy, Pillow and onnxruntime load insid
 so ``cxr-infer --help`` answers instantly. Other commands (e.g. ``bench``) register on ``cli``.
 
 Exit status: 0 every file classified, 1 some files became error rows (output still complete),
-2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 130 interrupted.
+2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 130 interrupted
+(Ctrl-C, or the reader of stdout went away); finished rows are kept either way.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 
 import click
@@ -33,6 +35,17 @@ def _load(ctx: click.Context, model_path, device, threads, precision):
         return load_model(model_path, device=device, threads=threads, precision=precision)
     except ModelLoadError as exc:
         _fail(ctx, str(exc))
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the interpreter's final flush is quiet."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,17 +112,25 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     stats = ScanStats()
     progress = Progress(stats)
     writer = make_writer(fmt, stream, model.classes)
+    broken_pipe = False
     try:
         for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats):
             writer.write(result)
             progress.update()
     except KeyboardInterrupt:
         stats.interrupted = True
+    except BrokenPipeError:  # e.g. `cxr-infer scan DIR | head`: stop, still summarise on stderr
+        stats.interrupted = broken_pipe = True
     finally:
         progress.close()
-        writer.close()
-        if output:
-            stream.close()
+        try:
+            writer.close()
+            if output:
+                stream.close()
+        except BrokenPipeError:
+            stats.interrupted = broken_pipe = True
+    if broken_pipe:
+        _silence_stdout()
     if stats.files == 0 and not stats.interrupted:
         click.echo("warning: no image files found in " + ", ".join(map(str, paths)), err=True)
     click.echo(format_summary(stats, model.classes), err=True)

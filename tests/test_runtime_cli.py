@@ -298,3 +298,18 @@ def test_bad_inputs_via_cli_each_once(tmp_path, tiny_model_path):
     assert sorted(names) == sorted(expected)
     for x in rows:
         assert x["status"] == "error" and expected[Path(x["path"]).name] in x["error"]
+
+
+def test_progress_only_on_a_terminal():
+    from cxr.runtime.engine import ScanStats
+    from cxr.runtime.output import Progress
+
+    stats = ScanStats(ok=3, errors=1, started=0.0)
+    quiet = io.StringIO()  # isatty() is False, like a pipe or a file
+    Progress(stats, quiet).update()
+    assert quiet.getvalue() == ""
+    tty = io.StringIO()
+    p = Progress(stats, tty, enabled=True)
+    p.update()
+    p.close()
+    assert tty.getvalue().startswith("\r4 files  3 ok  1 errors") and tty.getvalue().endswith("\r\033[K")
