@@ -35,6 +35,15 @@ def array_to_gray8(arr: np.ndarray) -> Image.Image:
         raise ImageReadError(f"expected a 2-D image, got shape {a.shape}")
     if a.dtype == np.uint8:
         return Image.fromarray(a, mode="L")
+    if a.dtype.kind in "ui" and a.dtype.itemsize <= 2 and a.size:
+        # 8/16-bit integers (16-bit PNG/TIFF): the same stretch through a lookup table, so a
+        # 4k x 4k radiograph never needs a float64 copy (~128 MB per decode thread).
+        lo, hi = int(a.min()), int(a.max())
+        if hi <= lo:
+            return Image.fromarray(np.zeros(a.shape, dtype=np.uint8), mode="L")
+        levels = np.arange(hi - lo + 1, dtype=np.float64)
+        lut = np.clip(levels * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(lut[a.astype(np.int32) - lo] if lo else lut[a], mode="L")
     a = a.astype(np.float64)
     finite = np.isfinite(a)
     if not finite.any():

@@ -313,3 +313,19 @@ def test_progress_only_on_a_terminal():
     p.update()
     p.close()
     assert tty.getvalue().startswith("\r4 files  3 ok  1 errors") and tty.getvalue().endswith("\r\033[K")
+
+
+def test_non_utf8_names_printed_escaped_in_every_format(tmp_path, tiny_model_path):
+    name = os.path.join(os.fsencode(tmp_path), b"r\xe9sum\xe9.png")
+    Image.new("L", (16, 16), 20).save(name)
+    os.symlink(b"missing\xff.png", os.path.join(os.fsencode(tmp_path), b"link\xff.png"))
+    for fmt in ("csv", "jsonl", "json", "table"):
+        r = run("scan", tmp_path, "--model", tiny_model_path, "--format", fmt)
+        assert r.exit_code == 1, (fmt, r.stderr)
+        if fmt in ("jsonl", "json"):
+            recs = json.loads(r.stdout) if fmt == "json" else [json.loads(x) for x in r.stdout.splitlines()]
+            text = "\n".join(f"{x['path']} {x['error']}" for x in recs)
+        else:
+            text = r.stdout
+        assert "r\\xe9sum\\xe9.png" in text and "link\\xff.png" in text
+        assert "broken symlink" in text

@@ -141,3 +141,16 @@ def test_permission_denied_real(tmp_path):
             load_image(p)
     finally:
         p.chmod(0o644)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int8])
+def test_integer_stretch_matches_float_formula(dtype):
+    from cxr.runtime.imageio import array_to_gray8
+
+    info = np.iinfo(dtype)
+    a = np.random.RandomState(1).randint(max(info.min, -3000), min(info.max, 9000), size=(37, 53)).astype(dtype)
+    f = a.astype(np.float64)
+    lo, hi = f.min(), f.max()
+    want = np.clip((f - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    assert (np.asarray(array_to_gray8(a)) == want).all()
+    assert (np.asarray(array_to_gray8(np.full((3, 3), 7, dtype))) == 0).all()
