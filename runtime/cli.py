@@ -167,6 +167,27 @@ def info(ctx, model_path, precision, as_json):
     click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
 
 
+@cli.command()
+@click.argument("data_dir", type=click.Path())
+@click.option("--model", "model_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Model to compare (repeat; the first is the agreement reference). Default: shipped fp32 + int8.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write everything as JSON.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Scan batch size.")
+@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode threads (default: min(4, CPUs)).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images, spread over the classes.")
+@click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed batch-1 inferences.")
+@click.pass_context
+def bench(ctx, data_dir, model_paths, json_path, batch_size, threads, workers, device, limit, runs):
+    """Accuracy and speed of models on a labelled folder (<Class>/images/* or class folders): one
+    table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement."""
+    from .benchmark import bench_command
+
+    ctx.exit(bench_command(data_dir, list(model_paths) or None, json_path=json_path, batch_size=batch_size,
+                           threads=threads, device=device, limit=limit, workers=workers, runs=runs))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``cxr-infer``)."""
     cli.main(args=argv, prog_name="cxr-infer")

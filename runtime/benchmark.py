@@ -1,0 +1,543 @@
+"""``cxr-infer bench``: accuracy and speed of one or more models on a labelled folder, in one table.
+
+Shaped like Ultralytics' ``yolo benchmark`` (one row per model: format, size, accuracy, speed)
+with onnxruntime_perf_test's habits (warm-up first, then percentiles, never a lone mean).
+
+For each model the labelled folder is scanned by the runtime's own scan engine
+(``engine.scan_files``, the code path of ``cxr-infer scan``), so accuracy and end-to-end
+throughput (decode included) come from the same pass. Pure inference is timed separately on
+already-preprocessed images: latency at batch 1, and the throughput the model alone sustains at
+the scan's batch size -- the ceiling the scan can approach ("how close to the limit").
+
+Folder classes the model does not know (e.g. Lung_Opacity given to a 3-class model) are not
+dropped silently: they are counted, with what the model predicted for them, and left out of
+accuracy with a note. The first model is the reference for top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .dataset import LabelledImage, discover_labelled
+from .engine import DEFAULT_BATCH_SIZE, default_workers, prepare, scan_files
+from .metrics import classification_report
+from .session import Model, ModelLoadError, load_model
+
+FORMAT = "cxr-bench/1"
+DEFAULT_RUNS = 100  # timed batch-1 inferences per model
+WARMUP_RUNS = 10
+LATENCY_SAMPLES = 16  # distinct preprocessed images cycled through by the inference timings
+MAX_ERROR_EXAMPLES = 5
+
+
+class BenchError(Exception):
+    """Bad input to the benchmark (folder, models); the CLI exits 2 with this message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def cpu_name() -> str:
+    """The CPU's marketing name (Linux /proc/cpuinfo), else whatever the platform reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def shipped_model_paths() -> list[Path]:
+    """The shipped models, fp32 first (the reference), then int8; BenchError when none."""
+    from cxr.models import PRECISIONS, NoShippedModelError, default_model_path, shipped_models
+
+    try:
+        listed = shipped_models()["models"]
+        order = [p for p in PRECISIONS if p in listed] + sorted(p for p in listed if p not in PRECISIONS)
+        return [default_model_path(p) for p in order]
+    except NoShippedModelError as exc:
+        raise BenchError(f"no --model given and {exc}") from None
+
+
+def select_items(items: Sequence[LabelledImage], limit: int | None) -> list[LabelledImage]:
+    """At most ``limit`` images, taken round-robin across classes (so a small limit still covers
+    every class), returned in the folder's order. Deterministic."""
+    if not limit or limit >= len(items):
+        return list(items)
+    by_class: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(it.label, []).append(i)
+    queues = [iter(v) for v in by_class.values()]
+    chosen: list[int] = []
+    while len(chosen) < limit and queues:
+        for q in list(queues):
+            i = next(q, None)
+            if i is None:
+                queues.remove(q)
+            elif len(chosen) < limit:
+                chosen.append(i)
+    return [items[i] for i in sorted(chosen)]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def map_labels(folder_classes: Sequence[str], model_classes: Sequence[str]) -> tuple[dict[str, int | None], list[str]]:
+    """Folder class -> model output index (None: the model does not know it), plus notes.
+
+    Exact names first; then names equal up to case and ``_``/``-``/space (``Viral_Pneumonia`` is
+    ``Viral Pneumonia``), which is reported so the match is never silent."""
+    exact = {c: i for i, c in enumerate(model_classes)}
+    loose = {_norm(c): i for i, c in enumerate(model_classes)}
+    mapping: dict[str, int | None] = {}
+    notes: list[str] = []
+    for c in folder_classes:
+        if c in exact:
+            mapping[c] = exact[c]
+        elif _norm(c) in loose:
+            mapping[c] = loose[_norm(c)]
+            notes.append(f"folder class {c!r} taken as model class {model_classes[mapping[c]]!r}")
+        else:
+            mapping[c] = None
+    return mapping, notes
+
+
+def warm_file_cache(paths: Sequence[str]) -> None:
+    """Read every file once so the first model's scan does not pay for a cold disk the others skip."""
+    for p in paths:
+        try:
+            with open(p, "rb") as fh:
+                while fh.read(1 << 20):
+                    pass
+        except OSError:
+            pass  # the scan reports it
+
+
+# ---------------------------------------------------------------------------------------------
+# timings
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, Any]:
+    a = np.asarray(seconds, dtype=np.float64) * 1e3
+    if a.size == 0:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"n": int(a.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean())}
+
+
+def sample_inputs(model: Model, paths: Sequence[str], count: int = LATENCY_SAMPLES) -> np.ndarray | None:
+    """Up to ``count`` preprocessed images spread over ``paths`` (same decode+preprocess as a scan)."""
+    if not paths:
+        return None
+    step = max(1, len(paths) // count)
+    tensors = []
+    for p in list(paths[::step]) + list(paths):  # evenly spaced first; fill from the start if some fail
+        if len(tensors) >= count:
+            break
+        x, err, _, _ = prepare(p, model.info.preprocess)
+        if x is not None:
+            tensors.append(x)
+    return np.stack(tensors) if tensors else None
+
+
+def time_batch1(model: Model, samples: np.ndarray, runs: int, warmup: int = WARMUP_RUNS) -> dict[str, Any]:
+    """Warm per-image latency at batch 1 on preprocessed inputs: pure inference."""
+    for i in range(warmup):
+        model.run(samples[i % len(samples)][None])
+    times = []
+    for i in range(runs):
+        x = samples[i % len(samples)][None]
+        t0 = time.perf_counter()
+        model.run(x)
+        times.append(time.perf_counter() - t0)
+    return {"batch_size": 1, "warmup_runs": warmup, **percentiles_ms(times)}
+
+
+def time_batched(model: Model, samples: np.ndarray, batch_size: int, runs: int) -> dict[str, Any]:
+    """Images/s the model alone sustains at ``batch_size`` (median batch time; no decode)."""
+    idx = np.arange(batch_size) % len(samples)
+    batch = np.ascontiguousarray(samples[idx])
+    n_batches = max(5, math.ceil(runs / batch_size))
+    for _ in range(2):
+        model.run(batch)
+    times = []
+    for _ in range(n_batches):
+        t0 = time.perf_counter()
+        model.run(batch)
+        times.append(time.perf_counter() - t0)
+    median = float(np.median(times))
+    return {"batch_size": batch_size, "batches": n_batches, "batch_ms_p50": median * 1e3,
+            "images_per_s": batch_size / median if median > 0 else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# one model
+
+
+def bench_model(
+    model: Model,
+    items: Sequence[LabelledImage],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    runs: int = DEFAULT_RUNS,
+    log: Callable[[str], None] = lambda s: None,
+) -> tuple[dict[str, Any], list[str | None]]:
+    """Scan ``items`` with ``model`` and time it; returns (row, predicted label per item or None)."""
+    classes = list(model.classes)
+    pp = model.info.preprocess
+    paths = [os.fspath(it.path) for it in items]
+    folder_classes = list(dict.fromkeys(it.label for it in items))
+    mapping, notes = map_labels(folder_classes, classes)
+    workers = workers or default_workers()
+    scan_batch = min(batch_size, model.max_batch or batch_size)
+
+    log(f"  pure inference: batch 1 x {runs}, batch {scan_batch}")
+    samples = sample_inputs(model, paths)
+    latency = percentiles_ms([])
+    if samples is None:
+        notes.append("no image could be read, so pure inference was not timed")
+    elif model.max_batch not in (None, 1):
+        notes.append(f"the graph has a fixed batch of {model.max_batch}: batch-1 latency cannot be measured")
+    else:
+        latency = time_batch1(model, samples, runs)
+    limit = time_batched(model, samples, scan_batch, runs) if samples is not None else None
+
+    log(f"  scan: {len(paths)} images, batch {scan_batch}, {workers} decode workers")
+    results, stats = scan_files(model, paths, batch_size=scan_batch, workers=workers)
+    if len(results) != len(paths):  # the engine promises one result per file; say so loudly if not
+        raise RuntimeError(f"scan returned {len(results)} results for {len(paths)} files")
+
+    predicted: list[str | None] = []
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    probs: list[list[float]] = []
+    unknown: dict[str, dict[str, Any]] = {}
+    errors: Counter = Counter()
+    error_examples: list[dict[str, str]] = []
+    display: dict[str, Counter] = {c: Counter() for c in folder_classes}  # folder class -> predictions
+    for item, res in zip(items, results):
+        idx = mapping[item.label]
+        if idx is None:
+            u = unknown.setdefault(item.label, {"count": 0, "errors": 0, "predicted": Counter()})
+            u["count"] += 1
+        if not res.ok:
+            predicted.append(None)
+            errors[item.label] += 1
+            display[item.label]["(error)"] += 1
+            if idx is None:
+                unknown[item.label]["errors"] += 1
+            if len(error_examples) < MAX_ERROR_EXAMPLES:
+                error_examples.append({"path": os.fspath(item.path), "error": res.error or ""})
+            continue
+        label = res.prediction.label
+        predicted.append(label)
+        display[item.label][label] += 1
+        if idx is None:
+            unknown[item.label]["predicted"][label] += 1
+        else:
+            y_true.append(idx)
+            y_pred.append(classes.index(label))
+            probs.append([res.prediction.probabilities[c] for c in classes])
+
+    if y_true:
+        rep = classification_report(np.array(y_true), np.array(y_pred), classes, np.array(probs))
+        for c, pc in rep["per_class"].items():
+            if pc["support"] == 0:  # no images of this class in the folder: recall is undefined
+                pc["sensitivity"] = None
+                pc["f1"] = None
+    else:
+        rep = None
+        notes.append("no image in the folder has a class this model knows: accuracy is undefined")
+    unknown_note = None
+    if unknown:
+        n_unknown = sum(u["count"] for u in unknown.values())
+        unknown_note = (
+            f"{n_unknown} image(s) of class(es) the model does not know ({', '.join(unknown)}) are "
+            "left out of accuracy, macro-F1 and sensitivity; their predictions are listed under unknown_labels"
+        )
+    n_err = sum(errors.values())
+    if n_err:
+        notes.append(f"{n_err} file(s) could not be read and are left out of every metric")
+
+    wall = stats.wall_s
+    scan_ips = stats.ok / wall if wall > 0 else None
+    limit_ips = limit["images_per_s"] if limit else None
+    attempted = max(stats.files, 1)
+    row: dict[str, Any] = {
+        "model": os.fspath(model.path),
+        "name": model.path.name,
+        "format": "ONNX",
+        "precision": model.info.precision,
+        "arch": model.info.arch,
+        "input_size": pp.size,
+        "classes": classes,
+        "providers": list(model.providers),
+        "size_bytes": model.path.stat().st_size,
+        "size_mb": model.path.stat().st_size / 1e6,
+        "model_load_ms": model.load_ms,
+        "first_inference_ms": model.first_inference_ms,
+        "images": len(items),
+        "classified": stats.ok,
+        "errors": n_err,
+        "errors_by_class": dict(errors),
+        "error_examples": error_examples,
+        "evaluated": len(y_true),
+        "accuracy": rep["accuracy"] if rep else None,
+        "macro_f1": rep["macro_f1"] if rep else None,
+        "macro_roc_auc": rep.get("macro_roc_auc") if rep else None,
+        "per_class": rep["per_class"] if rep else {},
+        "confusion_matrix": rep["confusion_matrix"] if rep else None,
+        "confusion_by_folder_class": {c: dict(cnt) for c, cnt in display.items()},
+        "label_mapping": {c: (classes[i] if i is not None else None) for c, i in mapping.items()},
+        "unknown_labels": {k: {**v, "predicted": dict(v["predicted"])} for k, v in unknown.items()},
+        "unknown_labels_note": unknown_note,
+        "latency_batch1_ms": latency,
+        "inference_throughput": limit,
+        "scan": {
+            "batch_size": scan_batch,
+            "decode_workers": workers,
+            "wall_s": wall,
+            "images_per_s": scan_ips,
+            "stages_ms_per_image": {
+                "read_decode": stats.read_s * 1e3 / attempted,
+                "preprocess": stats.preprocess_s * 1e3 / attempted,
+                "inference": stats.inference_s * 1e3 / max(stats.ok, 1),
+            },
+        },
+        "scan_pct_of_limit": (100.0 * scan_ips / limit_ips) if scan_ips and limit_ips else None,
+        "agreement": None,
+        "notes": notes + list(model.notes),
+    }
+    return row, predicted
+
+
+def agreement(reference: Sequence[str | None], other: Sequence[str | None]) -> dict[str, Any]:
+    """Top-1 agreement over the images both models classified (unknown-label images included)."""
+    pairs = [(a, b) for a, b in zip(reference, other) if a is not None and b is not None]
+    agree = sum(a == b for a, b in pairs)
+    return {"compared": len(pairs), "agree": agree, "top1_agreement": agree / len(pairs) if pairs else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def run_bench(
+    data_dir: "str | os.PathLike[str]",
+    model_paths: Sequence["str | os.PathLike[str]"] | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    threads: int | None = None,
+    device: str = "cpu",
+    limit: int | None = None,
+    workers: int | None = None,
+    runs: int = DEFAULT_RUNS,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Benchmark ``model_paths`` (default: the shipped fp32 + int8) on a labelled folder.
+
+    Raises BenchError (bad folder, no shipped model) or ModelLoadError (a model cannot be used).
+    """
+    import onnxruntime as ort
+
+    try:
+        folder_classes, items = discover_labelled(data_dir)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+    total = len(items)
+    items = select_items(items, limit)
+    paths = [Path(p) for p in model_paths] if model_paths else shipped_model_paths()
+    for p in paths:
+        if not p.is_file():
+            raise BenchError(f"model file not found: {p}")
+    workers = workers or default_workers()
+    counts = Counter(it.label for it in items)
+    log(f"bench: {len(items)} of {total} images in {data_dir} "
+        f"({', '.join(f'{c} {counts[c]}' for c in folder_classes)}), {len(paths)} model(s)")
+    warm_file_cache([os.fspath(it.path) for it in items])
+
+    rows: list[dict[str, Any]] = []
+    reference: list[str | None] | None = None
+    for i, p in enumerate(paths):
+        log(f"[{i + 1}/{len(paths)}] {p}")
+        model = load_model(p, device=device, threads=threads)
+        row, predicted = bench_model(model, items, batch_size=batch_size, workers=workers, runs=runs, log=log)
+        if reference is None:
+            reference = predicted
+        else:
+            row["agreement"] = {"reference": rows[0]["name"], **agreement(reference, predicted)}
+        rows.append(row)
+        del model  # free the session before the next one
+    return {
+        "format": FORMAT,
+        "data": os.fspath(data_dir),
+        "folder_classes": folder_classes,
+        "images_in_folder": total,
+        "images": len(items),
+        "images_per_class": {c: counts[c] for c in folder_classes},
+        "limit": limit,
+        "device": device,
+        "intra_op_threads": threads or "auto",
+        "batch_size": batch_size,
+        "decode_workers": workers,
+        "latency_runs": runs,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+        "file_cache": "every file was read once before timing, so no model pays for a cold disk",
+        "models": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# text output
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _num(v: float | None, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
+    right = right if right is not None else set(range(1, len(header)))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The one table (Ultralytics style), then per-model details, unknown labels and the limit."""
+    rows = result["models"]
+    classes: list[str] = []
+    for r in rows:
+        classes += [c for c in r["classes"] if c not in classes]
+    batch = rows[0]["scan"]["batch_size"] if rows else result["batch_size"]
+    header = ["Model", "Format", "Size MB", "Acc %", "Macro-F1", *[f"Sens {c}" for c in classes],
+              "p50 ms", "p90 ms", f"img/s (scan, b{batch})", "Agree %"]
+    body = []
+    for r in rows:
+        pc = r["per_class"]
+        body.append([
+            r["name"], f"{r['format']} {r['precision']}", f"{r['size_mb']:.2f}", _pct(r["accuracy"]),
+            _num(r["macro_f1"], ".4f"),
+            *[_num(pc.get(c, {}).get("sensitivity"), ".3f") for c in classes],
+            _num(r["latency_batch1_ms"]["p50"]), _num(r["latency_batch1_ms"]["p90"]),
+            _num(r["scan"]["images_per_s"], ".1f"),
+            "ref" if r["agreement"] is None else _pct(r["agreement"]["top1_agreement"], 2),
+        ])
+    counts = ", ".join(f"{c} {n}" for c, n in result["images_per_class"].items())
+    out = [
+        f"cxr-infer bench  {result['data']}  ({result['images']} images: {counts})",
+        f"{result['cpu']} ({result['cpu_count']} CPUs), onnxruntime {result['onnxruntime']}, device "
+        f"{result['device']}, threads {result['intra_op_threads']}, decode workers {result['decode_workers']}",
+        "",
+        _table(header, body),
+        "",
+        "Acc/Macro-F1/Sens: images whose folder class the model knows; p50/p90: warm batch-1 inference on "
+        "preprocessed images; img/s: end-to-end scan (decode included); Agree: top-1 vs the first model.",
+    ]
+    for r in rows:
+        out += ["", f"== {r['name']} ({r['format']} {r['precision']}, {r['arch']}, {r['input_size']} px)"]
+        if r["per_class"]:
+            pc_rows = [[c, str(v["support"]), _num(v["sensitivity"], ".3f"), _num(v["specificity"], ".3f"),
+                        _num(v["precision"], ".3f"), _num(v["f1"], ".3f")] for c, v in r["per_class"].items()]
+            out += [_table(["class", "support", "sens", "spec", "precision", "F1"], pc_rows), ""]
+        cols = list(r["classes"])
+        if any("(error)" in cnt for cnt in r["confusion_by_folder_class"].values()):
+            cols.append("(error)")
+        cm_rows = []
+        for folder_cls, cnt in r["confusion_by_folder_class"].items():
+            mark = "" if r["label_mapping"].get(folder_cls) is not None else " *"
+            cm_rows.append([folder_cls + mark, *[str(cnt.get(c, 0)) for c in cols]])
+        out.append("confusion matrix (rows: folder class, columns: predicted)")
+        out.append(_table(["true \\ pred", *cols], cm_rows))
+        for name, u in r["unknown_labels"].items():
+            preds = ", ".join(f"{c} {n}" for c, n in sorted(u["predicted"].items(), key=lambda kv: -kv[1])) or "none"
+            err = f", {u['errors']} unreadable" if u["errors"] else ""
+            out.append(f"* {name}: {u['count']} image(s) of a class this model does not know{err}; "
+                       f"predicted as: {preds}")
+        if r["unknown_labels_note"]:
+            out.append(f"note: {r['unknown_labels_note']}")
+        for ex in r["error_examples"]:
+            out.append(f"unreadable: {ex['path']}: {ex['error']}")
+        out += [f"note: {note}" for note in r["notes"]]
+    out += ["", f"How close to the limit (batch {batch}; model alone on preprocessed images vs the whole scan):"]
+    for r in rows:
+        lim = r["inference_throughput"]
+        st = r["scan"]["stages_ms_per_image"]
+        out.append(
+            f"  {r['name']}: model alone {_num(lim['images_per_s'] if lim else None, '.1f')} img/s, "
+            f"scan end-to-end {_num(r['scan']['images_per_s'], '.1f')} img/s = "
+            f"{_num(r['scan_pct_of_limit'], '.0f')}% of the limit  (per image: read+decode "
+            f"{st['read_decode']:.2f} ms, preprocess {st['preprocess']:.2f} ms in {r['scan']['decode_workers']} "
+            f"threads; inference {st['inference']:.2f} ms)"
+        )
+    return "\n".join(out)
+
+
+def write_json(result: dict[str, Any], path: "str | os.PathLike[str]") -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+
+
+def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_BATCH_SIZE, threads=None,
+                  device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS) -> int:
+    """What ``cxr-infer bench`` does; returns the exit status (0 ok, 1 some files unreadable, 2 bad input)."""
+    import click
+
+    if json_path:
+        parent = os.path.dirname(os.path.abspath(json_path))
+        if not os.path.isdir(parent) or os.path.isdir(json_path):
+            click.echo(f"error: cannot write --json {json_path}: {parent} is not a folder"
+                       if not os.path.isdir(parent) else f"error: --json {json_path} is a folder", err=True)
+            return 2
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    try:
+        result = run_bench(data_dir, model_paths, batch_size=batch_size, threads=threads, device=device,
+                           limit=limit, workers=workers, runs=runs, log=log)
+    except (BenchError, ModelLoadError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    click.echo(format_summary(result))
+    if json_path:
+        try:
+            write_json(result, json_path)
+        except OSError as exc:
+            click.echo(f"error: cannot write {json_path}: {exc.strerror or exc}", err=True)
+            return 2
+        click.echo(f"wrote {json_path}", err=True)
+    return 1 if any(r["errors"] for r in result["models"]) else 0
+
+
+if __name__ == "__main__":  # python -m cxr.runtime.benchmark DIR MODEL...
+    sys.exit(bench_command(sys.argv[1], sys.argv[2:] or None))
