@@ -1,0 +1,432 @@
+"""``cxr-export CHECKPOINT --out FILE.onnx [--int8]``: checkpoint -> proven ONNX model(s).
+
+Files appear under their final names only once they are proven: the fp32 model is written as
+``FILE.onnx.partial`` and renamed after parity passes; the int8 model likewise after its
+scheme is within the bound. Exit status: 0 done, 1 bad input, 3 fp32 parity failed,
+4 int8 refused (the fp32 model, which passed, stays).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from cxr.runtime.metadata import ModelInfo
+from cxr.runtime.preprocess import Preprocessing
+
+from . import onnx_export, parity as parity_mod, quantize
+from .data import (ExportInputError, find_manifest, folder_items, load_checkpoint, load_images, log,
+                   read_manifest, sha256_file, stratified_subset)
+from .evaluate import (agreement, classification_metrics, cpu_info, measure_speed, ort_runner, ort_session,
+                       run_batched, torch_runner)
+from .report import REPORT_FORMAT, int8_candidates_table, metadata_summary, table, write_json
+
+EXIT_INPUT, EXIT_PARITY, EXIT_INT8 = 1, 3, 4
+
+DEFAULT_INTENDED_USE = (
+    "Research and triage aid for frontal chest X-rays: it sorts images into the classes {classes} so "
+    "a qualified reader can prioritise them. It is not a diagnosis and not a medical device; it always "
+    "answers with one of these classes, even for an image showing another condition or no chest X-ray."
+)
+
+
+def _int8_path(out: Path) -> Path:
+    return out.with_name(out.name[:-5] + ".int8.onnx") if out.name.endswith(".onnx") else Path(str(out) + ".int8.onnx")
+
+
+def _sibling(model: Path, suffix: str) -> Path:
+    stem = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    return model.with_name(stem + suffix)
+
+
+def _producer() -> str:
+    import onnx
+    import onnxruntime
+    import torch
+
+    try:
+        from importlib.metadata import version
+
+        own = version("cxr-infer")
+    except Exception:
+        own = "unknown"
+    return f"cxr-export {own} (torch {torch.__version__}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__})"
+
+
+def _command_line(ctx: click.Context, checkpoint: Path, out: Path, overrides: dict | None = None) -> str:
+    """The options the user actually gave, so the card can say how to reproduce the file."""
+    parts = ["cxr-export", str(checkpoint), "--out", str(out)]
+    for param in ctx.command.params:
+        name = param.name
+        if name in ("checkpoint", "out") or not isinstance(param, click.Option):
+            continue
+        value = (overrides or {}).get(name, ctx.params.get(name))
+        given = name in (overrides or {}) or ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        if not given:
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            if param.secondary_opts and not value:
+                parts.append(param.secondary_opts[0])
+            elif value:
+                parts.append(flag)
+        elif param.multiple:
+            for v in value:
+                parts += [flag, str(v)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _train_command(ckpt: dict, override: str | None) -> str | None:
+    if override:
+        return override
+    cfg = ckpt.get("config") or {}
+    for key in ("command", "cmdline", "argv"):
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (list, tuple)):
+            return shlex.join(str(a) for a in v)
+    return None
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="fp32 model to write (FILE.onnx); int8 goes to FILE.int8.onnx, report to FILE.report.json.")
+@click.option("--int8", "do_int8", is_flag=True, help="Also write a statically quantized int8 model.")
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Split manifest [default: split.json beside the checkpoint].")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Resolve manifest items against this folder instead of the manifest's root.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Parity/eval images instead of the manifest's test split: class folders or any image folder.")
+@click.option("--parity-limit", default=256, type=click.IntRange(min=0),
+              help="At most this many eval images (stratified, class proportions kept); 0 = all.")
+@click.option("--parity-atol", default=1e-4, type=click.FloatRange(min=0),
+              help="Largest allowed |p_torch - p_onnx| for fp32.")
+@click.option("--parity-min-agreement", default=100.0, type=click.FloatRange(0, 100),
+              help="Required fp32 top-1 agreement with PyTorch, percent.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo",
+              help="torch.onnx exporter (torchscript is deprecated upstream; fallback only).")
+@click.option("--opset", type=int, default=None, help="ONNX opset [default: 18 dynamo, 17 torchscript].")
+@click.option("--int8-scheme", default="auto",
+              help="auto, or SCHEME[,SCHEME...] like u8s8-minmax, s8s8-percentile, u8s8-minmax-rr "
+                   "(activation+weight type, calibration minmax|percentile|entropy, -rr = reduce_range).")
+@click.option("--calib-count", default=200, type=click.IntRange(min=1),
+              help="Training-split images used for calibration (equal per class).")
+@click.option("--val-limit", default=1000, type=click.IntRange(min=0),
+              help="Validation images that judge int8 candidates (stratified); 0 = all.")
+@click.option("--int8-max-drop", default=0.5, type=float,
+              help="Largest accepted accuracy drop vs fp32 on validation images, percentage points.")
+@click.option("--int8-min-agreement", default=99.0, type=click.FloatRange(0, 100),
+              help="Required int8 top-1 agreement with fp32 on validation images, percent.")
+@click.option("--keep-float", multiple=True, type=click.Choice(quantize.KEEP_FLOAT_CHOICES),
+              help="Keep this layer in float in the int8 model (repeatable).")
+@click.option("--keep-float-node", multiple=True, help="Keep this ONNX node (by name) in float (repeatable).")
+@click.option("--bench/--no-bench", default=True, help="Measure latency and throughput.")
+@click.option("--bench-runs", default=50, type=click.IntRange(min=1), help="Timed batch-1 runs per model.")
+@click.option("--card/--no-card", default=True, help="Write FILE.card.md (and FILE.int8.card.md).")
+@click.option("--intended-use", default=None, help="Intended-use statement for the metadata and card.")
+@click.option("--train-command", default=None, help="The cxr-train command that made the checkpoint (for the card).")
+@click.option("--seed", default=0, type=int, help="Seed for the stratified image subsets.")
+@click.pass_context
+def main(ctx: click.Context, **opts) -> None:
+    """Export a cxr-train CHECKPOINT to ONNX with a parity proof, optionally also int8."""
+    try:
+        code = run_export(ctx, **opts)
+    except ExportInputError as exc:
+        click.echo(f"cxr-export: error: {exc}", err=True)
+        code = EXIT_INPUT
+    except parity_mod.ParityError as exc:
+        click.echo(f"cxr-export: {exc}\ncxr-export: no model written.", err=True)
+        if opts["out"].exists():
+            click.echo(f"cxr-export: {opts['out']} is from an earlier run and was left as it was.", err=True)
+        code = EXIT_PARITY
+    except quantize.QuantizationRefused as exc:
+        click.echo(f"cxr-export: int8 REFUSED: {exc}", err=True)
+        code = EXIT_INT8
+    ctx.exit(code)
+
+
+def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, manifest: Path | None,
+               data_root: Path | None, images: Path | None, parity_limit: int, parity_atol: float,
+               parity_min_agreement: float, exporter: str, opset: int | None, int8_scheme: str,
+               calib_count: int, val_limit: int, int8_max_drop: float, int8_min_agreement: float,
+               keep_float: tuple[str, ...], keep_float_node: tuple[str, ...], bench: bool, bench_runs: int,
+               card: bool, intended_use: str | None, train_command: str | None, seed: int) -> int:
+    t_start = time.perf_counter()
+    if not out.name.endswith(".onnx"):
+        raise ExportInputError(f"--out must end in .onnx, got {out}")
+    schemes = []
+    if do_int8:
+        try:
+            schemes = quantize.parse_schemes(int8_scheme)
+        except ValueError as exc:
+            raise ExportInputError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- inputs
+    ckpt = load_checkpoint(checkpoint)
+    classes = list(ckpt["classes"])
+    pp = Preprocessing.from_dict(ckpt["preprocess"])
+    ckpt_sha = sha256_file(checkpoint)
+    from .data import build_from_checkpoint
+
+    model = build_from_checkpoint(ckpt)
+    log(f"checkpoint {checkpoint}: {ckpt['arch']}, classes {classes}, input {pp.channels}x{pp.size}x{pp.size}")
+
+    man = None
+    man_path = manifest or find_manifest(checkpoint, ckpt)
+    if man_path is not None:
+        man = read_manifest(man_path, data_root)
+        expected = (ckpt.get("training_data") or {}).get("manifest_sha256")
+        if expected and expected != man.sha256:
+            log(f"WARNING: {man_path} sha256 {man.sha256[:12]} differs from the checkpoint's manifest_sha256 "
+                f"{expected[:12]}: this may not be the split the model was trained on")
+        if man.classes and list(man.classes) != classes:
+            log(f"WARNING: manifest classes {man.classes} differ from checkpoint classes {classes}")
+    if images is None and man is None:
+        raise ExportInputError(f"no split.json beside {checkpoint}; pass --manifest or --images for parity")
+    if do_int8 and man is None:
+        raise ExportInputError("--int8 calibrates on the training split and judges on the validation split: "
+                               "it needs the run's split manifest (--manifest)")
+
+    if images is not None:
+        items, labelled = folder_items(images, classes)
+        source = f"--images {images}"
+    else:
+        items, labelled = man.split("test"), True
+        source = f"test split of {man.path}"
+        if not items:
+            raise ExportInputError(f"{man.path} has no test items; pass --images")
+    if labelled:
+        items = stratified_subset(items, parity_limit, seed)
+    elif parity_limit and len(items) > parity_limit:
+        idx = np.sort(np.random.default_rng(seed).choice(len(items), parity_limit, replace=False))
+        items = [items[i] for i in idx]
+    log(f"loading {len(items)} eval images ({source})")
+    ev = load_images(source, items, classes, pp)
+
+    # ---------------------------------------------------------------- fp32 export + parity
+    partial = Path(str(out) + ".partial")
+    int8_out = _int8_path(out)
+    for stale in (partial, Path(str(int8_out) + ".partial")):
+        stale.unlink(missing_ok=True)
+    report: dict = {
+        "format": REPORT_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "producer": _producer(),
+        "checkpoint": {"path": str(checkpoint), "sha256": ckpt_sha, "arch": ckpt["arch"], "classes": classes,
+                       "epoch": ckpt.get("epoch"), "size_bytes": checkpoint.stat().st_size},
+        "manifest": None if man is None else {"path": str(man.path), "sha256": man.sha256, "root": str(man.root),
+                                              "sizes": man.sizes()},
+        "cpu": cpu_info(),
+        "eval_images": ev.summary(),
+        "models": {},
+    }
+    try:
+        log(f"exporting fp32 ONNX ({exporter})")
+        t0 = time.perf_counter()
+        export_info = onnx_export.export_fp32(model, (pp.channels, pp.size, pp.size), partial, exporter, opset)
+        log(f"exported in {time.perf_counter() - t0:.1f}s: opset {export_info['opset']}; checker and shape inference passed")
+        import onnx
+
+        export_info["io"] = onnx_export.io_signature(onnx.load(str(partial)))
+        report["export"] = export_info
+
+        log("parity: running PyTorch and onnxruntime on the eval images")
+        torch_run = torch_runner(model)
+        sess = ort_session(partial)
+        onnx_run = ort_runner(sess)
+        p_torch = run_batched(torch_run, ev.x)
+        p_onnx = run_batched(onnx_run, ev.x)
+        par = parity_mod.compare(p_torch, p_onnx, source, parity_atol, parity_min_agreement / 100.0)
+        report["parity"] = par.to_dict()
+        parity_mod.require(par)
+        log("fp32 parity passed: " + par.describe())
+
+        for key, probs, run in (("pytorch", p_torch, torch_run), ("onnx_fp32", p_onnx, onnx_run)):
+            entry = {"metrics": classification_metrics(ev.y, probs.argmax(1), classes) if ev.labelled else None,
+                     "agreement_vs_pytorch": round(agreement(p_torch, probs), 6)}
+            if bench:
+                log(f"timing {key}")
+                entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
+            report["models"][key] = entry
+        report["models"]["pytorch"]["size_bytes"] = checkpoint.stat().st_size
+        report["models"]["pytorch"]["agreement_vs_pytorch"] = None
+        del sess
+
+        train_data = dict(ckpt.get("training_data") or {})
+        if man is not None:
+            train_data.setdefault("split_sizes", man.sizes())
+            train_data["manifest_sha256_export"] = man.sha256
+        reproduce = {"train": _train_command(ckpt, train_command),
+                     "export": _command_line(ctx, checkpoint, out),
+                     "train_config": ckpt.get("config")}
+        base_extra = {
+            "checkpoint_sha256": ckpt_sha,
+            "training_data": train_data,
+            "created": report["created"],
+            "producer": report["producer"],
+            "intended_use": intended_use or DEFAULT_INTENDED_USE.format(classes=", ".join(classes)),
+            "export": json.dumps({k: v for k, v in export_info.items() if k != "io"}, sort_keys=True),
+        }
+        training_metrics = {"test": ckpt.get("test_metrics"), "val": ckpt.get("val_metrics"), "epoch": ckpt.get("epoch")}
+        report["models"]["onnx_fp32"]["path"] = str(out)
+        fp32_extra = {
+            **base_extra,
+            "metrics": {"training": training_metrics, "export": metadata_summary(report)},
+            "parity": report["parity"],
+            "reproduce": json.dumps(reproduce, sort_keys=True, default=str),
+        }
+        info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
+                         input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
+        onnx_export.write_metadata(partial, info.to_props())
+        onnx_export.check_onnx(partial)
+        report["models"]["onnx_fp32"]["size_bytes"] = partial.stat().st_size
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
+    if card:
+        from .card import write_model_card
+
+        log(f"wrote {write_model_card(out)}")
+
+    # ---------------------------------------------------------------- int8
+    refused = None
+    if do_int8:
+        refused = _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes,
+                               calib_count, val_limit, int8_max_drop, int8_min_agreement, keep_float,
+                               keep_float_node, bench, bench_runs, seed, checkpoint, base_extra,
+                               training_metrics, reproduce, card)
+
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report_path = _sibling(out, ".report.json")
+    write_json(report, report_path)
+    click.echo(table(report))
+    log(f"report: {report_path} ({report['seconds']:.0f}s total)")
+    if refused:
+        raise quantize.QuantizationRefused(refused)
+    return 0
+
+
+def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes, calib_count,
+                 val_limit, max_drop, min_agreement, keep_float, keep_float_node, bench, bench_runs, seed,
+                 checkpoint, base_extra, training_metrics, reproduce, card) -> str | None:
+    """Search/build the int8 model; returns a refusal message, or None once FILE.int8.onnx exists."""
+    train_items, val_items = man.split("train"), man.split("val")
+    if not train_items or not val_items:
+        raise ExportInputError(f"{man.path} needs train and val items for int8 (has {man.sizes()})")
+    calib_items = stratified_subset(train_items, calib_count, seed, balanced=True)
+    val_items = stratified_subset(val_items, val_limit, seed)
+    log(f"int8: loading {len(calib_items)} calibration images (train split) and {len(val_items)} validation images")
+    calib = load_images("calibration (train split)", calib_items, classes, pp)
+    val = load_images("validation split", val_items, classes, pp)
+    bound = {"max_accuracy_drop_points": max_drop, "min_agreement_percent": min_agreement}
+    q: dict = {"bound": bound, "calibration": {"source_split": "train", "count": len(calib),
+                                                 "selection": "equal per class", "seed": seed},
+               "validation": val.summary()}
+    report["int8"] = q
+    with tempfile.TemporaryDirectory(prefix="cxr-export-int8-") as work:
+        fp32_val = run_batched(ort_runner(ort_session(out)), val.x)
+        t0 = time.perf_counter()
+        try:
+            builder = quantize.Int8Builder(out, work, calib.x, onnx_export.INPUT_NAME, list(keep_float), list(keep_float_node))
+        except ValueError as exc:
+            raise ExportInputError(str(exc)) from None
+        q["kept_float"] = builder.keep_float
+        log(f"int8: measuring {len(schemes)} scheme(s) on {len(val)} validation images against fp32")
+        chosen, results = quantize.search(builder, schemes, val.x, val.y, fp32_val, classes, max_drop,
+                                          min_agreement / 100.0, speed_runs=min(bench_runs, 30))
+        q["search_seconds"] = round(time.perf_counter() - t0, 1)
+        q["calibration"]["seconds_per_method"] = builder.calibration_seconds
+        q["candidates"] = [{k: v for k, v in r.items() if k != "path"} for r in results]
+        click.echo(int8_candidates_table(results), err=True)
+        if chosen is None:
+            if int8_out.exists():  # an older int8 must not sit beside this new fp32 model
+                int8_out.unlink()
+                _sibling(int8_out, ".card.md").unlink(missing_ok=True)
+            q["status"] = "refused"
+            q["message"] = (f"none of {', '.join(s.name for s in schemes)} stayed within the bound "
+                            f"(accuracy drop <= {max_drop} points, agreement >= {min_agreement}%); "
+                            f"no int8 model written; {out.name} (fp32, parity passed) stays")
+            return q["message"]
+        scheme = quantize.Scheme.parse(chosen["scheme"])
+        q["status"] = "ok"
+        q["chosen"] = {k: v for k, v in chosen.items() if k != "path"}
+        q["scheme"] = scheme.to_dict()
+        partial = Path(str(int8_out) + ".partial")
+        try:
+            quantize.finalize(chosen["path"], partial)
+            sess = ort_session(partial)
+            run = ort_runner(sess)
+            p8 = run_batched(run, ev.x)
+            entry = {"metrics": classification_metrics(ev.y, p8.argmax(1), classes) if ev.labelled else None,
+                     "agreement_vs_fp32": round(agreement(p_onnx, p8), 6),
+                     "agreement_vs_pytorch": round(agreement(p_torch, p8), 6),
+                     "max_abs_diff_vs_fp32": float(np.abs(p8 - p_onnx).max()), "path": str(int8_out)}
+            if bench:
+                log("timing onnx_int8")
+                entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
+            report["models"]["onnx_int8"] = entry
+            del sess
+            quant_meta = {
+                **q["scheme"],
+                "calibration": {k: v for k, v in q["calibration"].items() if k != "seconds_per_method"},
+                "nodes_kept_float": builder.keep_float,
+                "validation": {"n": chosen["metrics"]["n_val"], "accuracy": chosen["metrics"]["accuracy"],
+                               "fp32_accuracy": chosen["metrics"]["fp32_accuracy"],
+                               "macro_f1": chosen["metrics"]["macro_f1"],
+                               "accuracy_drop_points": chosen["metrics"]["accuracy_drop_points"],
+                               "top1_agreement": chosen["metrics"]["top1_agreement"]},
+                "eval": {"n": len(ev), "source": ev.name, "top1_agreement_vs_fp32": entry["agreement_vs_fp32"],
+                         "max_abs_diff_vs_fp32": entry["max_abs_diff_vs_fp32"]},
+                "bound": bound,
+                "candidates": {r["scheme"]: (r.get("metrics") or {}).get("latency_ms_p50") for r in results},
+                "measured_on": report["cpu"],
+            }
+            rep = dict(reproduce)
+            rep["export"] = _command_line(ctx, checkpoint, out, {"do_int8": True, "int8_scheme": scheme.name})
+            extra = {
+                **base_extra,
+                "metrics": {"training": training_metrics, "export": metadata_summary(report)},
+                "parity": {"fp32": report["parity"], "int8_vs_fp32": quant_meta["eval"]},
+                "quantization": quant_meta,
+                "reproduce": json.dumps(rep, sort_keys=True, default=str),
+            }
+            info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
+                             input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)
+            onnx_export.write_metadata(partial, info.to_props())
+            import onnx
+
+            onnx.checker.check_model(str(partial))
+            entry["size_bytes"] = partial.stat().st_size
+            os.replace(partial, int8_out)
+        finally:
+            partial.unlink(missing_ok=True)
+    log(f"wrote {int8_out} ({int8_out.stat().st_size / 1e6:.2f} MB), scheme {scheme.name}")
+    if card:
+        from .card import write_model_card
+
+        log(f"wrote {write_model_card(int8_out)}")
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,235 @@
+"""Checkpoint, split manifest and image sets for export.
+
+Export reads the checkpoint and ``split.json`` itself (formats in docs/contracts.md) instead
+of importing training code, so a model can be exported wherever the runtime and torch are
+installed. Images go through the runtime's own ``load_image`` + ``preprocess``: parity is
+only a proof if it is measured on the exact path serving will take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cxr.runtime.dataset import discover_labelled, is_candidate_image
+from cxr.runtime.imageio import ImageReadError, load_image
+from cxr.runtime.preprocess import Preprocessing, preprocess
+
+CHECKPOINT_FORMAT = "cxr-checkpoint/1"
+MANIFEST_FORMAT = "cxr-split/1"
+SPLITS = ("train", "val", "test")
+
+
+class ExportInputError(Exception):
+    """Input the user can fix (wrong path, wrong format); shown without a traceback."""
+
+
+def log(msg: str) -> None:
+    print(f"[cxr-export] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path: "str | os.PathLike[str]") -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+def load_checkpoint(path: "str | os.PathLike[str]") -> dict:
+    """Load and validate a ``cxr-checkpoint/1`` dict (tensors only, no pickled code if possible)."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportInputError(f"checkpoint not found: {p}")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # config holding non-tensor objects; our own file, so allow it
+        log(f"checkpoint needs full unpickling ({type(exc).__name__}); loading it with weights_only=False")
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ExportInputError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint (format: {got!r}); make it with cxr-train")
+    for key in ("arch", "classes", "preprocess", "state_dict", "model_kwargs"):
+        if key not in ckpt:
+            raise ExportInputError(f"checkpoint {p} lacks {key!r}")
+    n = ckpt["model_kwargs"].get("num_classes")
+    if n is not None and n != len(ckpt["classes"]):
+        raise ExportInputError(f"checkpoint has {len(ckpt['classes'])} classes but model_kwargs.num_classes={n}")
+    return ckpt
+
+
+def build_from_checkpoint(ckpt: dict):
+    from cxr.train.models import build_model
+
+    model = build_model(ckpt["arch"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- manifest
+
+@dataclass
+class Manifest:
+    path: Path
+    root: Path
+    classes: list[str]
+    items: list[tuple[Path, str, str]]  # (absolute path, label, split)
+    sha256: str
+    raw_root: str = ""
+    seed: int | None = None
+
+    def split(self, name: str) -> list[tuple[Path, str]]:
+        return [(p, lab) for p, lab, s in self.items if s == name]
+
+    def sizes(self) -> dict[str, int]:
+        return {s: sum(1 for *_, sp in self.items if sp == s) for s in SPLITS}
+
+
+def find_manifest(checkpoint: Path, ckpt: dict) -> Path | None:
+    name = (ckpt.get("training_data") or {}).get("manifest") or "split.json"
+    cand = Path(name) if Path(name).is_absolute() else checkpoint.parent / name
+    if cand.is_file():
+        return cand
+    fallback = checkpoint.parent / "split.json"
+    return fallback if fallback.is_file() else None
+
+
+def read_manifest(path: "str | os.PathLike[str]", data_root: "str | os.PathLike[str] | None" = None) -> Manifest:
+    """Parse ``split.json``; item paths resolve against its root, or ``data_root`` if the data moved."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportInputError(f"cannot read split manifest {p}: {exc}") from None
+    if doc.get("format") != MANIFEST_FORMAT:
+        raise ExportInputError(f"{p} is not a {MANIFEST_FORMAT} manifest (format: {doc.get('format')!r})")
+    root = Path(data_root) if data_root else Path(doc.get("root", ""))
+    if not root.is_dir():
+        hint = "" if data_root else " (use --data-root if the data moved)"
+        raise ExportInputError(f"data root of the split manifest is not a folder: {root}{hint}")
+    items = []
+    for it in doc.get("items", []):
+        split = it.get("split")
+        if split not in SPLITS:
+            raise ExportInputError(f"manifest item {it!r} has no valid split")
+        rel = Path(it["path"])
+        items.append((rel if rel.is_absolute() else root / rel, it["label"], split))
+    return Manifest(p, root, list(doc.get("classes", [])), items, sha256_file(p), doc.get("root", ""), doc.get("seed"))
+
+
+# --------------------------------------------------------------------------- image sets
+
+@dataclass
+class ImageSet:
+    """Preprocessed images with labels as class indices (-1: unlabelled or unknown class)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.y >= 0).any())
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def summary(self) -> dict:
+        return {"source": self.name, "n": len(self), "labelled": int((self.y >= 0).sum()),
+                "skipped_unreadable": len(self.skipped)}
+
+
+def stratified_subset(items: list[tuple[Path, str]], limit: int, seed: int = 0,
+                      balanced: bool = False) -> list[tuple[Path, str]]:
+    """Deterministic subset of at most ``limit`` items that keeps every class represented.
+
+    ``balanced=False`` keeps class proportions (an unbiased accuracy estimate);
+    ``balanced=True`` takes equal numbers per class (calibration should see rare classes'
+    activation ranges too). ``limit <= 0`` keeps everything.
+    """
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[tuple[Path, str]]] = {}
+    for it in sorted(items, key=lambda t: str(t[0])):
+        by_class.setdefault(it[1], []).append(it)
+    for lst in by_class.values():
+        rng.shuffle(lst)
+    labels = sorted(by_class)
+    if balanced:
+        quota = {c: 0 for c in labels}
+        remaining = limit
+        while remaining > 0:
+            open_ = [c for c in labels if quota[c] < len(by_class[c])]
+            if not open_:
+                break
+            for c in open_:
+                if remaining == 0:
+                    break
+                quota[c] += 1
+                remaining -= 1
+    else:
+        total = len(items)
+        quota = {c: max(1, int(round(limit * len(by_class[c]) / total))) for c in labels}
+        while sum(quota.values()) > limit:
+            quota[max(quota, key=quota.get)] -= 1
+        while sum(quota.values()) < limit:
+            c = max(labels, key=lambda c: len(by_class[c]) - quota[c])
+            quota[c] += 1
+    out = [it for c in labels for it in by_class[c][:quota[c]]]
+    return sorted(out, key=lambda t: str(t[0]))
+
+
+def load_images(name: str, items: list[tuple[Path, str | None]], classes: list[str],
+                pp: Preprocessing) -> ImageSet:
+    """Load through the runtime's loader and preprocessing; unreadable files are skipped and counted."""
+    index = {c: i for i, c in enumerate(classes)}
+    xs, ys, paths, skipped = [], [], [], []
+    for i, (path, label) in enumerate(items):
+        try:
+            xs.append(preprocess(load_image(path), pp))
+        except (ImageReadError, ValueError) as exc:
+            skipped.append((str(path), str(exc)))
+            continue
+        ys.append(index.get(label, -1) if label is not None else -1)
+        paths.append(Path(path))
+        if len(items) > 200 and (i + 1) % 500 == 0:
+            log(f"  {name}: loaded {i + 1}/{len(items)} images")
+    if skipped:
+        log(f"  {name}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+    if not xs:
+        raise ExportInputError(f"no readable images in {name}")
+    return ImageSet(name, np.stack(xs).astype(np.float32), np.asarray(ys, np.int64), paths, skipped)
+
+
+def folder_items(folder: "str | os.PathLike[str]", classes: list[str]) -> tuple[list[tuple[Path, str | None]], bool]:
+    """Items of ``--images DIR``: a labelled folder if its class folders match the model's
+    classes, otherwise every image under it, unlabelled (parity needs no labels)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ExportInputError(f"--images {root} is not a folder")
+    try:
+        found, labelled = discover_labelled(root)
+        if set(found) & set(classes):
+            return [(li.path, li.label) for li in labelled], True
+    except ValueError:
+        pass
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and is_candidate_image(f))
+    if not paths:
+        raise ExportInputError(f"no images under {root}")
+    return [(p, None) for p in paths], False

@@ -1,0 +1,184 @@
+"""Classification metrics and speed measurements, numpy only.
+
+Export compares three implementations of the same model (PyTorch, fp32 ONNX, int8 ONNX) on
+the same images; every number in the report comes from these few functions so the three
+columns are computed identically.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predictions. Labels < 0 (unknown) are ignored."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    keep = y_true >= 0
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true[keep], y_pred[keep]), 1)
+    return cm
+
+
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    out = np.full(a.shape, np.nan)
+    np.divide(a, b, out=out, where=b > 0)
+    return out
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1 and per-class sensitivity/specificity/precision/F1 plus confusion.
+
+    Classes absent from ``y_true`` get NaN sensitivity (reported as null) and are left out of
+    the macro average, so a small eval subset does not pretend a class scored 0.
+    """
+    k = len(classes)
+    cm = confusion(y_true, y_pred, k)
+    n = int(cm.sum())
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+    fp = predicted - tp
+    fn = support - tp
+    tn = n - tp - fp - fn
+    sens = _safe_div(tp, support)
+    spec = _safe_div(tn, tn + fp)
+    prec = _safe_div(tp, predicted)
+    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
+    present = support > 0
+    macro_f1 = float(np.mean(f1[present])) if present.any() else float("nan")
+
+    def _num(x: float) -> float | None:
+        return None if not np.isfinite(x) else round(float(x), 6)
+
+    return {
+        "n": n,
+        "accuracy": _num(tp.sum() / n) if n else None,
+        "macro_f1": _num(macro_f1),
+        "per_class": {
+            c: {
+                "support": int(support[i]),
+                "sensitivity": _num(sens[i]),
+                "specificity": _num(spec[i]),
+                "precision": _num(prec[i]),
+                "f1": _num(f1[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion": cm.tolist(),
+    }
+
+
+def agreement(a_probs: np.ndarray, b_probs: np.ndarray) -> float:
+    """Fraction of images whose top-1 class is the same under both models."""
+    if len(a_probs) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(a_probs, axis=1) == np.argmax(b_probs, axis=1)))
+
+
+def prob_diff(a_probs: np.ndarray, b_probs: np.ndarray) -> dict:
+    d = np.abs(np.asarray(a_probs, np.float64) - np.asarray(b_probs, np.float64))
+    return {"max_abs_diff": float(d.max()) if d.size else 0.0, "mean_abs_diff": float(d.mean()) if d.size else 0.0}
+
+
+# --------------------------------------------------------------------------- running models
+
+def run_batched(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Apply ``fn`` to ``x`` in batches; the last batch is smaller, which also exercises the
+    dynamic batch axis."""
+    outs = [fn(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs, axis=0) if outs else np.zeros((0, 0), np.float32)
+
+
+def ort_session(path: "str | os.PathLike[str]", threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
+    """PyTorch reference: eval mode, no grad, softmax over the logits (what the graph appends)."""
+    import torch
+
+    model.eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))), dim=1).numpy()
+
+    return run
+
+
+def measure_speed(fn: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, runs: int = 50,
+                  batch: int = 32, budget_s: float = 5.0) -> dict:
+    """onnxruntime_perf_test style: warm up, then percentiles of batch-1 latency, and
+    throughput at ``batch``. ``budget_s`` caps each measurement so large models stay affordable."""
+    one = np.ascontiguousarray(sample[:1])
+    for _ in range(3):
+        fn(one)
+    times = []
+    t_end = time.perf_counter() + budget_s
+    for i in range(max(1, runs)):
+        t0 = time.perf_counter()
+        fn(one)
+        times.append(time.perf_counter() - t0)
+        if i >= 4 and time.perf_counter() > t_end:
+            break
+    ms = np.array(times) * 1e3
+    reps = -(-batch // len(sample))
+    big = np.ascontiguousarray(np.concatenate([sample] * reps, axis=0)[:batch])
+    fn(big)
+    n_b, t_b = 0, 0.0
+    t_end = time.perf_counter() + budget_s
+    while n_b < max(1, runs // 10) and (n_b < 1 or time.perf_counter() < t_end):
+        t0 = time.perf_counter()
+        fn(big)
+        t_b += time.perf_counter() - t0
+        n_b += 1
+    return {
+        "latency_ms_p50": round(float(np.percentile(ms, 50)), 3),
+        "latency_ms_p90": round(float(np.percentile(ms, 90)), 3),
+        "latency_runs": len(times),
+        "throughput_ips": round(batch * n_b / t_b, 1),
+        "throughput_batch": batch,
+    }
+
+
+def cpu_info() -> dict:
+    """The CPU the numbers were measured on; VNNI decides whether int8 is fast and whether
+    u8 activations risk saturation (reduce_range)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.processor(), platform.machine()):
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+    }
