@@ -418,6 +418,10 @@ def _num(v: float | None, fmt: str = ".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _size_mb(mb: float) -> str:
+    return f"{mb:.2f}" if mb >= 0.1 else f"{mb:.2g}"
+
+
 def _table(header: list[str], rows: list[list[str]], right: set[int] | None = None) -> str:
     right = right if right is not None else set(range(1, len(header)))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -441,7 +445,7 @@ def format_summary(result: dict[str, Any]) -> str:
     for r in rows:
         pc = r["per_class"]
         body.append([
-            r["name"], f"{r['format']} {r['precision']}", f"{r['size_mb']:.2f}", _pct(r["accuracy"]),
+            r["name"], f"{r['format']} {r['precision']}", _size_mb(r["size_mb"]), _pct(r["accuracy"]),
             _num(r["macro_f1"], ".4f"),
             *[_num(pc.get(c, {}).get("sensitivity"), ".3f") for c in classes],
             _num(r["latency_batch1_ms"]["p50"]), _num(r["latency_batch1_ms"]["p90"]),
