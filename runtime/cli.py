@@ -110,7 +110,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     stats = ScanStats()
-    progress = Progress(stats)
+    # Rows streaming to the same terminal are progress enough; a bar would interleave with them.
+    progress = Progress(stats, enabled=sys.stderr.isatty() and not (stream is sys.stdout and sys.stdout.isatty()))
     writer = make_writer(fmt, stream, model.classes)
     broken_pipe = False
     try:

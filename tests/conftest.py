@@ -11,14 +11,15 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ helpers importable from any rootdir
 
-from tiny_model import build_tiny_model  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> Path:
     """A 3-class brightness classifier with the cxr metadata contract (32x32, dynamic batch)."""
+    pytest.importorskip("onnx", reason="building the test model needs onnx (pip install '.[dev]')")
+    from tiny_model import build_tiny_model
+
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
