@@ -34,7 +34,7 @@ def _classify_name(full: str, name: str) -> str | None:
     suffix = os.path.splitext(name)[1].lower()
     if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
         return None
-    if not suffix and is_dicom_file(full):
+    if not suffix and os.path.isfile(full) and is_dicom_file(full):  # isfile: never open a FIFO
         return None  # DICOM files often carry no suffix; the DICM marker says what they are
     return "non-image file"
 

@@ -132,6 +132,8 @@ def load_image(path: "str | os.PathLike[str]") -> Image.Image:
 
         return load_dicom(p)
     try:
+        # catch_warnings is process-global (not per thread) before Python 3.14; if decode
+        # threads race on it, the MAX_PIXELS check below still refuses the bomb.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:

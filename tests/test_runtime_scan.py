@@ -174,3 +174,15 @@ def test_unreadable_subfolder_is_an_error_row(classifier, tmp_path, monkeypatch)
     results = list(classifier.scan(tmp_path))
     assert [(Path(r.path).name, r.status) for r in results] == [("a.png", "ok"), ("locked", "error")]
     assert "permission denied" in results[1].error
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_named_pipes_never_block_the_scan(classifier, tmp_path):
+    os.mkfifo(tmp_path / "PIPE")  # no suffix: must not be opened to look for a DICM marker
+    os.mkfifo(tmp_path / "pipe.png")  # image suffix: an error row, without blocking on open
+    Image.new("L", (8, 8), 20).save(tmp_path / "a.png")
+    stats = ScanStats()
+    results = list(classifier.scan(tmp_path, stats=stats))
+    assert [(Path(r.path).name, r.status) for r in results] == [("a.png", "ok"), ("pipe.png", "error")]
+    assert "not a regular file" in results[1].error
+    assert stats.skipped == 1
