@@ -288,6 +288,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         }
         training_metrics = {"test": ckpt.get("test_metrics"), "val": ckpt.get("val_metrics"), "epoch": ckpt.get("epoch")}
         report["models"]["onnx_fp32"]["path"] = str(out)
+        report["models"]["onnx_fp32"]["size_bytes"] = partial.stat().st_size  # graph + weights, before metadata
         fp32_extra = {
             **base_extra,
             "metrics": {"training": training_metrics, "export": metadata_summary(report)},
@@ -298,7 +299,6 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
         onnx_export.write_metadata(partial, info.to_props())
         onnx_export.check_onnx(partial)
-        report["models"]["onnx_fp32"]["size_bytes"] = partial.stat().st_size
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
@@ -374,13 +374,15 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
         partial = Path(str(int8_out) + ".partial")
         try:
             quantize.finalize(chosen["path"], partial)
+            size_bytes = partial.stat().st_size  # graph + weights, before metadata
             sess = ort_session(partial)
             run = ort_runner(sess)
             p8 = run_batched(run, ev.x)
             entry = {"metrics": classification_metrics(ev.y, p8.argmax(1), classes) if ev.labelled else None,
                      "agreement_vs_fp32": round(agreement(p_onnx, p8), 6),
                      "agreement_vs_pytorch": round(agreement(p_torch, p8), 6),
-                     "max_abs_diff_vs_fp32": float(np.abs(p8 - p_onnx).max()), "path": str(int8_out)}
+                     "max_abs_diff_vs_fp32": float(np.abs(p8 - p_onnx).max()), "path": str(int8_out),
+                     "size_bytes": size_bytes}
             if bench:
                 log("timing onnx_int8")
                 entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
@@ -416,7 +418,6 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             import onnx
 
             onnx.checker.check_model(str(partial))
-            entry["size_bytes"] = partial.stat().st_size
             os.replace(partial, int8_out)
         finally:
             partial.unlink(missing_ok=True)

@@ -12,8 +12,10 @@ or reduce_range, so they are cached and reused across those.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 import shutil
 import time
 from dataclasses import dataclass
@@ -168,14 +170,16 @@ class Int8Builder:
         fresh = not cache.exists()
         reader = _calibration_reader_class()(self.calib_x, self.input_name)
         t0 = time.perf_counter()
-        quantize_static(
-            str(self.pre_path), str(out_path), reader,
-            quant_format=QuantFormat.QDQ, per_channel=True,
-            nodes_to_exclude=list(self.keep_float) or None,
-            calibration_cache_path=str(cache),
-            extra_options={"CalibStridedMinMax": 1},
-            **scheme.ort_args(),
-        )
+        # the calibrators print progress on stdout, which is reserved for the report table
+        with contextlib.redirect_stdout(sys.stderr):
+            quantize_static(
+                str(self.pre_path), str(out_path), reader,
+                quant_format=QuantFormat.QDQ, per_channel=True,
+                nodes_to_exclude=list(self.keep_float) or None,
+                calibration_cache_path=str(cache),
+                extra_options={"CalibStridedMinMax": 1},
+                **scheme.ort_args(),
+            )
         dt = time.perf_counter() - t0
         if fresh:
             self.calibration_seconds[scheme.method] = round(dt, 2)
