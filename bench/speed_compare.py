@@ -1,0 +1,473 @@
+"""End-to-end speed of the study's PyTorch pipeline against cxr-infer fp32 and int8, on one folder.
+
+Not part of the test run. Every variant runs in its own fresh process, so time-to-first-result
+includes interpreter start, imports and model load, and peak RSS is that process's alone:
+
+  (a) study   PyTorch eager fp32: an ImageFolder-like dataset over the files, torchvision
+              Grayscale -> Resize -> ToTensor -> Normalize, a DataLoader (batch 32, 2 workers);
+              the cxr-train checkpoint's own architecture, weights, input size and normalisation.
+  (b) fp32    ``cxr-infer scan DIR --model FP32.onnx`` (the console script, JSON lines on stdout).
+  (c) int8    the same with the int8 model.
+
+Then int8 again on a quarter of the images, to show peak RSS does not grow with the folder, and
+the installed size of the runtime's dependencies against torch + torchvision's. Ends with a
+markdown table (with the CPU it ran on) for the README.
+
+    python bench/speed_compare.py --checkpoint RUN/best.pt --fp32 m.onnx --int8 m.int8.onnx \\
+        [--data DIR] [--limit N] [--threads N] [--json OUT.json]
+
+Internal: ``--child torch`` runs variant (a) inside the child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = os.environ.get("CXR_DATA") or str(HERE.parent.parent / "shared" / "data" / "covid-radiography-3class")
+STUDY_BATCH, STUDY_WORKERS = 32, 2
+RUNTIME_DISTS = ("numpy", "pillow", "onnxruntime", "click")
+STUDY_DISTS = ("torch", "torchvision")
+
+
+def _now() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)  # same clock in parent and child
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the study's way, run inside the child process
+
+
+def child_torch(args: argparse.Namespace) -> int:
+    t_start = float(os.environ.get("CXR_T0", _now()))
+    import torch
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms
+
+    from cxr.runtime.discover import iter_files
+    from cxr.train.models import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_imported = _now()
+    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    model = build_model(ck["arch"], **ck["model_kwargs"])
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    pp = ck["preprocess"]
+    size = int(pp["size"])
+    resize = ([transforms.Resize(size), transforms.CenterCrop(size)] if pp.get("resize") == "center_crop"
+              else [transforms.Resize((size, size))])
+    tf = transforms.Compose([transforms.Grayscale(num_output_channels=int(pp.get("channels", 1))), *resize,
+                             transforms.ToTensor(), transforms.Normalize([pp["mean"]] * int(pp.get("channels", 1)),
+                                                                         [pp["std"]] * int(pp.get("channels", 1)))])
+
+    class FolderDataset(Dataset):  # what torchvision.datasets.ImageFolder does, over the same files
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            with open(self.paths[i], "rb") as fh:
+                img = Image.open(fh).convert("RGB")  # ImageFolder's default loader
+            return tf(img), i
+
+    paths = list(iter_files([args.root]))
+    loader = DataLoader(FolderDataset(paths), batch_size=STUDY_BATCH, shuffle=False, num_workers=STUDY_WORKERS)
+    classes = ck["classes"]
+    preds: dict[str, str] = {}
+    t_loaded = _now()
+    first = None
+    with torch.no_grad():
+        for x, idx in loader:
+            p = torch.softmax(model(x), dim=1).argmax(dim=1)
+            for i, k in zip(idx.tolist(), p.tolist()):
+                preds[paths[i]] = classes[k]
+            if first is None:
+                first = _now()
+                print("first", flush=True)
+    t_end = _now()
+    with open(args.preds, "w", encoding="utf-8") as fh:
+        json.dump(preds, fh)
+    print(json.dumps({
+        "images": len(preds), "import_s": t_imported - t_start, "load_s": t_loaded - t_imported,
+        "scan_s": t_end - t_loaded, "images_per_s": len(preds) / (t_end - t_loaded) if preds else None,
+        "vm_hwm_mb": _vm_hwm_mb(), "torch": torch.__version__, "arch": ck["arch"], "input_size": size,
+    }), flush=True)
+    return 0
+
+
+def _vm_hwm_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# running a child and measuring it from the outside
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _pss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+class TreeSampler(threading.Thread):
+    """Peak PSS of a process plus its children (DataLoader workers share pages: PSS, not RSS)."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, sum(_pss_mb(p) for p in _descendants(self.pid)))
+
+
+def run_child(cmd: list[str], env: dict, stderr_path: Path, first_marker) -> dict:
+    """Run ``cmd``; time from just before the spawn to the first result line and to exit; peak RSS
+    from wait4 (this child alone); stdout lines returned for parsing."""
+    t0 = _now()
+    env = {**env, "CXR_T0": repr(t0)}
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        first = None
+        lines = []
+        for line in proc.stdout:
+            if first is None and first_marker(line):
+                first = _now() - t0
+            lines.append(line)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = _now() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.stop.set()
+        sampler.join()
+    return {"cmd": cmd, "rc": proc.returncode, "wall_s": wall, "first_result_s": first,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_pss_mb": sampler.peak_mb or None, "lines": lines}
+
+
+def cxr_infer_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("cxr-infer")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from cxr.runtime.cli import main; main()"]
+
+
+def run_cxr_infer(model: str, root: str, threads: int | None, work: Path, tag: str) -> dict:
+    report = work / f"{tag}.report.json"
+    cmd = [*cxr_infer_cmd(), "scan", root, "--model", model, "--format", "jsonl", "--report", str(report)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = run_child(cmd, dict(os.environ), work / f"{tag}.stderr", lambda line: line.startswith("{"))
+    preds = {}
+    for line in r.pop("lines"):
+        if line.startswith("{"):
+            rec = json.loads(line)
+            preds[rec["path"]] = rec["prediction"]
+    rep = json.loads(report.read_text()) if report.is_file() else {}
+    r.update(images=rep.get("images_classified"), errors=rep.get("errors"),
+             images_per_s=rep.get("throughput_images_per_s"), scan_s=rep.get("wall_s"),
+             model_load_ms=rep.get("model_load_ms"), preds=preds)
+    if r["rc"] not in (0, 1):
+        raise SystemExit(f"{tag}: cxr-infer exited {r['rc']}:\n{(work / f'{tag}.stderr').read_text()[-2000:]}")
+    return r
+
+
+def run_study(checkpoint: str, root: str, threads: int | None, work: Path) -> dict:
+    preds_file = work / "study.preds.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "torch", "--checkpoint", checkpoint,
+           "--root", root, "--preds", str(preds_file)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = run_child(cmd, dict(os.environ), work / "study.stderr", lambda line: line.startswith("first"))
+    lines = r.pop("lines")
+    if r["rc"] != 0 or not lines or not lines[-1].startswith("{"):
+        raise SystemExit(f"study pipeline failed (exit {r['rc']}):\n{(work / 'study.stderr').read_text()[-2000:]}")
+    r.update(json.loads(lines[-1]))
+    r["preds"] = json.loads(preds_file.read_text())
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, sizes, report
+
+
+def choose_files(data: str, limit: int | None) -> tuple[list[tuple[str, str | None]], bool]:
+    """(path, folder label) pairs a scan of ``data`` reads; ``limit`` spread over the classes."""
+    from cxr.runtime.benchmark import select_items
+    from cxr.runtime.dataset import discover_labelled
+    from cxr.runtime.discover import iter_files
+
+    try:
+        _, items = discover_labelled(data)
+        labelled = True
+    except ValueError:
+        items, labelled = [], False
+    if labelled:
+        items = select_items(items, limit)
+        return [(os.fspath(it.path), it.label) for it in items], True
+    files = list(iter_files([data]))
+    return [(p, None) for p in files[:limit] if limit] if limit else [(p, None) for p in files], False
+
+
+def link_farm(files: list[tuple[str, str | None]], root: Path) -> str:
+    """A folder of symlinks (class folders kept) so every variant scans exactly these files."""
+    for i, (p, label) in enumerate(files):
+        d = root / (label or "unlabelled")
+        d.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.abspath(p), d / f"{i:06d}_{os.path.basename(p)}")
+    return str(root)
+
+
+def labels_by_path(root: str) -> dict[str, str]:
+    from cxr.runtime.dataset import discover_labelled
+
+    try:
+        _, items = discover_labelled(root)
+    except ValueError:
+        return {}
+    return {os.path.normpath(os.fspath(it.path)): it.label for it in items}
+
+
+def dist_size_mb(name: str) -> float | None:
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        return None
+    total = 0
+    for f in dist.files or []:
+        try:
+            total += f.locate().stat().st_size
+        except OSError:
+            pass
+    return total / 1e6
+
+
+def dependency_closure(names) -> list[str]:
+    """``names`` plus everything they require (extras off, markers for this machine)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: dict[str, str] = {}
+    todo = list(names)
+    while todo:
+        n = canonicalize_name(todo.pop())
+        if n in seen:
+            continue
+        try:
+            dist = md.distribution(n)
+        except md.PackageNotFoundError:
+            continue
+        seen[n] = dist.metadata["Name"]
+        for req in dist.requires or []:
+            r = Requirement(req)
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+    return sorted(seen.values(), key=str.lower)
+
+
+def install_sizes() -> dict:
+    def total(names):
+        sizes = {n: dist_size_mb(n) for n in names}
+        return {"packages": {n: round(s, 1) for n, s in sizes.items() if s is not None},
+                "total_mb": round(sum(s for s in sizes.values() if s), 1)}
+
+    out = {"runtime": total(RUNTIME_DISTS), "study": total(STUDY_DISTS)}
+    try:
+        rt = dependency_closure(RUNTIME_DISTS)
+        st = dependency_closure(STUDY_DISTS)
+        out["runtime_with_deps"] = total(rt)
+        out["study_with_deps"] = total(st)
+    except ImportError:  # no ``packaging``: direct packages only
+        pass
+    return out
+
+
+def agreement(a: dict, b: dict) -> float | None:
+    keys = [k for k in a if k in b and a[k] is not None and b[k] is not None]
+    return sum(a[k] == b[k] for k in keys) / len(keys) if keys else None
+
+
+def accuracy(preds: dict, labels: dict) -> float | None:
+    pairs = [(p, labels.get(os.path.normpath(k))) for k, p in preds.items()]
+    pairs = [(p, t) for p, t in pairs if p is not None and t is not None]
+    return sum(p == t for p, t in pairs) / len(pairs) if pairs else None
+
+
+def _f(v, fmt=".1f", none="-"):
+    return none if v is None else format(v, fmt)
+
+
+def _pct(v):
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def markdown(res: dict) -> str:
+    study = res["variants"][0]
+    rows = ["| pipeline | images/s | vs study | first result (s) | peak RSS (MB) | peak PSS, all processes (MB) | "
+            "total wall (s) | agreement with study | accuracy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for v in res["variants"]:
+        ratio = (v["images_per_s"] / study["images_per_s"]) if v["images_per_s"] and study["images_per_s"] else None
+        rows.append(f"| {v['name']} | {_f(v['images_per_s'])} | {_f(ratio, '.1f')}x | {_f(v['first_result_s'], '.2f')} | "
+                    f"{_f(v['peak_rss_mb'], '.0f')} | {_f(v.get('tree_peak_pss_mb'), '.0f')} | {_f(v['wall_s'], '.1f')} | "
+                    f"{_pct(v['agreement_with_study'])} | {_pct(v['accuracy'])} |")
+    sz = res["install_mb"]
+    lines = [
+        f"Measured on {res['cpu']} ({res['cpu_count']} CPUs), {res['images']} images of {res['data_name']} "
+        f"({res['arch']} at {res['input_size']} px; study batch {STUDY_BATCH} with {STUDY_WORKERS} DataLoader "
+        f"workers, cxr-infer batch 16; threads {res['threads'] or 'default'}).",
+        "",
+        *rows,
+        "",
+    ]
+    if res.get("flatness"):
+        fl = res["flatness"]
+        lines.append(f"Peak RSS of cxr-infer int8 as the folder grows: {fl['small_images']} images "
+                     f"{fl['small_rss_mb']:.0f} MB, {fl['large_images']} images {fl['large_rss_mb']:.0f} MB.")
+    rt, st = sz["runtime"], sz["study"]
+    s = (f"Installed size: runtime deps ({', '.join(rt['packages'])}) {rt['total_mb']:.0f} MB"
+         + (f" ({sz['runtime_with_deps']['total_mb']:.0f} MB with their own dependencies)" if "runtime_with_deps" in sz else "")
+         + f"; {' + '.join(st['packages'])} {st['total_mb']:.0f} MB"
+         + (f" ({sz['study_with_deps']['total_mb']:.0f} MB with their dependencies, CUDA libraries included)"
+            if "study_with_deps" in sz else "") + ".")
+    lines.append(s)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=DEFAULT_DATA, help="Folder of X-rays (default: $CXR_DATA or %(default)s).")
+    ap.add_argument("--checkpoint", help="cxr-train checkpoint (best.pt) the ONNX models were exported from.")
+    ap.add_argument("--fp32", help="fp32 .onnx exported from --checkpoint.")
+    ap.add_argument("--int8", help="int8 .onnx exported from --checkpoint.")
+    ap.add_argument("--limit", type=int, default=None, help="At most N images (spread over the classes).")
+    ap.add_argument("--threads", type=int, default=None, help="Intra-op threads for torch and onnxruntime alike.")
+    ap.add_argument("--no-flat", action="store_true", help="Skip the RSS-flatness run (int8 on a quarter of the images).")
+    ap.add_argument("--json", dest="json_out", help="Write all measurements to this file.")
+    ap.add_argument("--child", choices=["torch"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", help=argparse.SUPPRESS)
+    ap.add_argument("--preds", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child == "torch":
+        return child_torch(args)
+    missing = [o for o in ("checkpoint", "fp32", "int8") if not getattr(args, o)]
+    if missing:
+        print("error: need " + ", ".join(f"--{o}" for o in missing), file=sys.stderr)
+        return 2
+    for f in (args.checkpoint, args.fp32, args.int8):
+        if not Path(f).is_file():
+            print(f"error: not a file: {f}", file=sys.stderr)
+            return 2
+    if not Path(args.data).is_dir():
+        print(f"error: data folder not found: {args.data} (pass --data or set CXR_DATA)", file=sys.stderr)
+        return 2
+    from cxr.runtime.benchmark import cpu_name, warm_file_cache
+    from cxr.runtime.session import load_model
+
+    info = load_model(args.fp32, threads=1, warmup=False).info
+    work = Path(tempfile.mkdtemp(prefix="cxr-speed-"))
+    try:
+        files, _ = choose_files(args.data, args.limit)
+        if not files:
+            print(f"error: no images in {args.data}", file=sys.stderr)
+            return 2
+        root = link_farm(files, work / "all") if args.limit else os.path.abspath(args.data)
+        labels = labels_by_path(root)
+        print(f"{len(files)} images from {args.data}; warming the file cache", file=sys.stderr)
+        warm_file_cache([p for p, _ in files])
+
+        variants = []
+        print("(a) study: PyTorch eager fp32 + torchvision + DataLoader ...", file=sys.stderr)
+        study = run_study(args.checkpoint, root, args.threads, work)
+        study["name"] = "study: PyTorch eager fp32, DataLoader b32"
+        variants.append(study)
+        for tag, model, name in (("fp32", args.fp32, "cxr-infer fp32 (ONNX)"), ("int8", args.int8, "cxr-infer int8 (ONNX)")):
+            print(f"({'b' if tag == 'fp32' else 'c'}) {name} ...", file=sys.stderr)
+            r = run_cxr_infer(model, root, args.threads, work, tag)
+            r["name"] = name
+            variants.append(r)
+        for v in variants:
+            v["agreement_with_study"] = agreement(study["preds"], v["preds"])
+            v["accuracy"] = accuracy(v["preds"], labels)
+            v["images"] = v.get("images") if v.get("images") is not None else len(v["preds"])
+        counts = {v["name"]: len(v["preds"]) for v in variants}
+        if len(set(counts.values())) != 1:
+            print(f"warning: the variants classified different numbers of images: {counts}", file=sys.stderr)
+
+        flat = None
+        if not args.no_flat and len(files) >= 8:
+            small = files[:: 4]  # a quarter, spread like the full set
+            print(f"RSS flatness: int8 on {len(small)} images ...", file=sys.stderr)
+            r = run_cxr_infer(args.int8, link_farm(small, work / "quarter"), args.threads, work, "int8-quarter")
+            flat = {"small_images": len(r["preds"]), "small_rss_mb": r["peak_rss_mb"],
+                    "large_images": len(variants[2]["preds"]), "large_rss_mb": variants[2]["peak_rss_mb"]}
+
+        res = {
+            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "data": os.path.abspath(args.data),
+            "data_name": Path(args.data).name, "images": len(files), "threads": args.threads,
+            "arch": info.arch, "input_size": info.preprocess.size,
+            "models": {"checkpoint": args.checkpoint, "fp32": args.fp32, "int8": args.int8},
+            "variants": [{k: v for k, v in x.items() if k != "preds"} for x in variants],
+            "flatness": flat, "install_mb": install_sizes(),
+        }
+        table = markdown({**res, "variants": variants})
+        print(table)
+        if args.json_out:
+            with open(args.json_out, "w", encoding="utf-8") as fh:
+                json.dump({**res, "markdown": table}, fh, indent=2)
+                fh.write("\n")
+            print(f"wrote {args.json_out}", file=sys.stderr)
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
