@@ -93,6 +93,28 @@ def select_items(items: Sequence[LabelledImage], limit: int | None) -> list[Labe
     return [items[i] for i in sorted(chosen)]
 
 
+def split_items(data_dir: "str | os.PathLike[str]", split_path: "str | os.PathLike[str]",
+                subset: str = "test") -> tuple[list[str], list[LabelledImage]]:
+    """(classes, items) of one subset of a cxr-train split manifest (``split.json``, see
+    docs/contracts.md), paths resolved against ``data_dir``: accuracy on the held-out test split,
+    not on images the model was trained on."""
+    try:
+        with open(split_path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read split manifest {split_path}: {exc}") from None
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("cxr-split/"):
+        raise BenchError(f"{split_path} is not a cxr-train split manifest (no \"format\": \"cxr-split/1\")")
+    rows = [it for it in manifest.get("items", []) if isinstance(it, dict) and it.get("split") == subset]
+    if not rows:
+        subsets = sorted({str(it.get("split")) for it in manifest.get("items", []) if isinstance(it, dict)})
+        raise BenchError(f"{split_path} has no {subset!r} items (it has: {', '.join(subsets) or 'none'})")
+    items = [LabelledImage(Path(data_dir) / it["path"], str(it["label"])) for it in rows]
+    labels = {it.label for it in items}
+    classes = [c for c in manifest.get("classes", []) if c in labels] + sorted(labels - set(manifest.get("classes", [])))
+    return classes, items
+
+
 def _norm(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name).strip().lower()
 
@@ -348,18 +370,26 @@ def run_bench(
     limit: int | None = None,
     workers: int | None = None,
     runs: int = DEFAULT_RUNS,
+    split: "str | os.PathLike[str] | None" = None,
+    subset: str = "test",
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
-    """Benchmark ``model_paths`` (default: the shipped fp32 + int8) on a labelled folder.
+    """Benchmark ``model_paths`` (default: the shipped fp32 + int8) on a labelled folder, or on
+    the ``subset`` of a split manifest resolved against it.
 
     Raises BenchError (bad folder, no shipped model) or ModelLoadError (a model cannot be used).
     """
     import onnxruntime as ort
 
-    try:
-        folder_classes, items = discover_labelled(data_dir)
-    except ValueError as exc:
-        raise BenchError(str(exc)) from None
+    if not os.path.isdir(data_dir):
+        raise BenchError(f"{data_dir} is not a folder")
+    if split is not None:
+        folder_classes, items = split_items(data_dir, split, subset)
+    else:
+        try:
+            folder_classes, items = discover_labelled(data_dir)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
     total = len(items)
     items = select_items(items, limit)
     paths = [Path(p) for p in model_paths] if model_paths else shipped_model_paths()
@@ -388,6 +418,7 @@ def run_bench(
         "format": FORMAT,
         "data": os.fspath(data_dir),
         "folder_classes": folder_classes,
+        "split": {"manifest": os.fspath(split), "subset": subset} if split is not None else None,
         "images_in_folder": total,
         "images": len(items),
         "images_per_class": {c: counts[c] for c in folder_classes},
@@ -453,8 +484,11 @@ def format_summary(result: dict[str, Any]) -> str:
             "ref" if r["agreement"] is None else _pct(r["agreement"]["top1_agreement"], 2),
         ])
     counts = ", ".join(f"{c} {n}" for c, n in result["images_per_class"].items())
+    where = result["data"]
+    if result.get("split"):
+        where += f"  ({result['split']['subset']} split of {result['split']['manifest']})"
     out = [
-        f"cxr-infer bench  {result['data']}  ({result['images']} images: {counts})",
+        f"cxr-infer bench  {where}  ({result['images']} images: {counts})",
         f"{result['cpu']} ({result['cpu_count']} CPUs), onnxruntime {result['onnxruntime']}, device "
         f"{result['device']}, threads {result['intra_op_threads']}, decode workers {result['decode_workers']}",
         "",
@@ -509,7 +543,7 @@ def write_json(result: dict[str, Any], path: "str | os.PathLike[str]") -> None:
 
 
 def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_BATCH_SIZE, threads=None,
-                  device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS) -> int:
+                  device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS, split=None, subset="test") -> int:
     """What ``cxr-infer bench`` does; returns the exit status (0 ok, 1 some files unreadable, 2 bad input)."""
     import click
 
@@ -525,7 +559,7 @@ def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_B
 
     try:
         result = run_bench(data_dir, model_paths, batch_size=batch_size, threads=threads, device=device,
-                           limit=limit, workers=workers, runs=runs, log=log)
+                           limit=limit, workers=workers, runs=runs, split=split, subset=subset, log=log)
     except (BenchError, ModelLoadError) as exc:
         click.echo(f"error: {exc}", err=True)
         return 2

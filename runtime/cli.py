@@ -179,14 +179,18 @@ def info(ctx, model_path, precision, as_json):
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images, spread over the classes.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed batch-1 inferences.")
+@click.option("--split", type=click.Path(dir_okay=False), default=None,
+              help="cxr-train split.json: bench only its --subset, paths resolved against DATA_DIR.")
+@click.option("--subset", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.pass_context
-def bench(ctx, data_dir, model_paths, json_path, batch_size, threads, workers, device, limit, runs):
+def bench(ctx, data_dir, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset):
     """Accuracy and speed of models on a labelled folder (<Class>/images/* or class folders): one
     table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement."""
     from .benchmark import bench_command
 
     ctx.exit(bench_command(data_dir, list(model_paths) or None, json_path=json_path, batch_size=batch_size,
-                           threads=threads, device=device, limit=limit, workers=workers, runs=runs))
+                           threads=threads, device=device, limit=limit, workers=workers, runs=runs,
+                           split=split, subset=subset))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -232,3 +232,28 @@ def test_bench_module_never_imports_torch():
     code = ("import sys, cxr.runtime.benchmark, cxr.runtime.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_split_manifest_benches_only_the_test_subset(setup, tmp_path):
+    tmp, a, _, _, _, clean = setup
+    _, items = discover_labelled(clean)
+    rel = [(os.path.relpath(it.path, clean), it.label) for it in items]
+    manifest = {"format": "cxr-split/1", "root": "/elsewhere", "seed": 0, "classes": sorted(LEVELS),
+                "items": [{"path": p, "label": lab, "split": "test" if i % 2 else "train"}
+                          for i, (p, lab) in enumerate(rel)]}
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(manifest))
+    out = tmp_path / "r.json"
+    res = invoke(clean, "--model", a, "--split", split, "--json", out, *FAST)
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    want = [(p, lab) for i, (p, lab) in enumerate(rel) if i % 2]
+    assert r["images"] == len(want) and r["split"]["subset"] == "test"
+    assert r["images_per_class"] == dict(Counter(lab for _, lab in want))
+    assert "test split of" in res.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    res = invoke(clean, "--model", a, "--split", bad)
+    assert res.exit_code == 2 and "not a cxr-train split manifest" in res.output
+    res = invoke(clean, "--model", a, "--split", split, "--subset", "val")
+    assert res.exit_code == 2 and "no 'val' items" in res.output
