@@ -242,7 +242,7 @@ def choose_files(data: str, limit: int | None) -> tuple[list[tuple[str, str | No
         items = select_items(items, limit)
         return [(os.fspath(it.path), it.label) for it in items], True
     files = list(iter_files([data]))
-    return [(p, None) for p in files[:limit] if limit] if limit else [(p, None) for p in files], False
+    return [(p, None) for p in (files[:limit] if limit else files)], False
 
 
 def link_farm(files: list[tuple[str, str | None]], root: Path) -> str:
@@ -414,12 +414,12 @@ def main(argv=None) -> int:
     info = load_model(args.fp32, threads=1, warmup=False).info
     work = Path(tempfile.mkdtemp(prefix="cxr-speed-"))
     try:
-        files, _ = choose_files(args.data, args.limit)
+        files, labelled = choose_files(args.data, args.limit)
         if not files:
             print(f"error: no images in {args.data}", file=sys.stderr)
             return 2
         root = link_farm(files, work / "all") if args.limit else os.path.abspath(args.data)
-        labels = labels_by_path(root)
+        labels = labels_by_path(root) if labelled else {}
         print(f"{len(files)} images from {args.data}; warming the file cache", file=sys.stderr)
         warm_file_cache([p for p, _ in files])
 
