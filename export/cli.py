@@ -387,6 +387,14 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 log("timing onnx_int8")
                 entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
             report["models"]["onnx_int8"] = entry
+            fp32_speed = report["models"]["onnx_fp32"].get("speed")
+            if bench and fp32_speed:
+                entry["speedup_vs_fp32_b1"] = round(fp32_speed["latency_ms_p50"] / entry["speed"]["latency_ms_p50"], 3)
+                if entry["speedup_vs_fp32_b1"] < 1.0:
+                    note = (f"int8 is not faster than fp32 on this CPU at batch 1 ({entry['speedup_vs_fp32_b1']:.2f}x; "
+                            f"VNNI: {'yes' if report['cpu']['vnni'] else 'no'}); its gain here is size only")
+                    q["note"] = note
+                    log("NOTE: " + note)
             del sess
             quant_meta = {
                 **q["scheme"],

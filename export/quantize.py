@@ -91,20 +91,24 @@ def _calibration_reader_class():
     from onnxruntime.quantization import CalibrationDataReader
 
     class ArrayReader(CalibrationDataReader):
-        """Feeds preprocessed images in small batches. ``set_range`` lets onnxruntime collect
-        one batch at a time (``CalibStridedMinMax``), which keeps the histogram calibrators from
-        holding every intermediate tensor of every image in memory at once."""
+        """Feeds preprocessed images in batches of ``batch``, grouped in chunks of ``chunk``
+        images. onnxruntime collects one chunk at a time (``CalibStridedMinMax`` with
+        ``set_range`` in chunk units), so the histogram calibrators never hold every
+        intermediate tensor of every calibration image in memory at once; chunks are large
+        enough that the first histogram's range is representative."""
 
-        def __init__(self, x: np.ndarray, input_name: str, batch: int = 8):
-            self.batches = [x[i:i + batch] for i in range(0, len(x), batch)]
+        def __init__(self, x: np.ndarray, input_name: str, batch: int = 8, chunk: int = 32):
+            per = max(1, chunk // batch)
+            batches = [x[i:i + batch] for i in range(0, len(x), batch)]
+            self.chunks = [batches[i:i + per] for i in range(0, len(batches), per)]
             self.input_name = input_name
-            self.set_range(0, len(self.batches))
+            self.set_range(0, len(self.chunks))
 
         def __len__(self) -> int:
-            return len(self.batches)
+            return len(self.chunks)
 
         def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(self.batches[start_index:end_index])
+            self._it = iter([b for c in self.chunks[start_index:end_index] for b in c])
 
         def get_next(self):
             b = next(self._it, None)
@@ -153,6 +157,10 @@ class Int8Builder:
         pre = onnx.load(str(self.pre_path))
         names = {n.name for n in pre.graph.node}
         self.keep_float = find_keep_float_nodes(pre, list(keep_float))
+        # the output softmax stays float: quantized probabilities would move in steps of 1/255
+        for n in pre.graph.node:
+            if n.op_type == "Softmax" and n.name:
+                self.keep_float[n.name] = n.op_type
         for n in keep_float_nodes:
             if n not in names:
                 raise ValueError(f"--keep-float-node {n!r} is not a node of the pre-processed graph")

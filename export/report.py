@@ -94,6 +94,8 @@ def table(report: dict) -> str:
                        f"accuracy drop {v['accuracy_drop_points']:.2f} points (<= {q['bound']['max_accuracy_drop_points']}), "
                        f"agreement {100 * v['top1_agreement']:.2f}% (>= {q['bound']['min_agreement_percent']}%); "
                        f"kept float: {', '.join(q['kept_float']) or 'none'}")
+            if q.get("note"):
+                out.append(f"int8 note: {q['note']}")
         else:
             out.append(f"int8: {q.get('status', '').upper()} -- {q.get('message', '')}")
     out.append(f"measured on: {cpu.get('model')} ({cpu.get('cores')} cores, VNNI: {'yes' if cpu.get('vnni') else 'no'})")
