@@ -175,9 +175,14 @@ def cpu_info() -> dict:
                     flags = set(val.split())
     except OSError:
         pass
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
     return {
         "model": model,
         "cores": os.cpu_count(),
+        "load_avg_1min": load,  # timings taken on a busy machine are not comparable
         "avx2": "avx2" in flags,
         "avx512": "avx512f" in flags,
         "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),

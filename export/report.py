@@ -98,7 +98,10 @@ def table(report: dict) -> str:
                 out.append(f"int8 note: {q['note']}")
         else:
             out.append(f"int8: {q.get('status', '').upper()} -- {q.get('message', '')}")
-    out.append(f"measured on: {cpu.get('model')} ({cpu.get('cores')} cores, VNNI: {'yes' if cpu.get('vnni') else 'no'})")
+    busy = ""
+    if cpu.get("load_avg_1min") is not None and cpu.get("cores") and cpu["load_avg_1min"] > 0.5 * cpu["cores"]:
+        busy = f"; machine busy (load {cpu['load_avg_1min']}): timings are pessimistic"
+    out.append(f"measured on: {cpu.get('model')} ({cpu.get('cores')} cores, VNNI: {'yes' if cpu.get('vnni') else 'no'}){busy}")
     return "\n".join(out)
 
 
