@@ -6,6 +6,7 @@ Works the same under ``torchrun --nproc_per_node=N cxr-train ...`` (DistributedD
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def main(**kw) -> None:
             device=kw["device"], threads=kw["threads"], workers=kw["workers"], cache_dir=kw["cache_dir"],
             augment=not kw["no_augment"], robust_augment=not kw["no_robust_augment"],
             shift_eval=not kw["no_shift_eval"], limit_per_class=kw["limit_per_class"],
-            dataset_name=kw["dataset_name"],
+            dataset_name=kw["dataset_name"], command=shlex.join(["cxr-train", *sys.argv[1:]]),
         )
     report = run(cfg)
     if report:

@@ -68,6 +68,7 @@ class TrainConfig:
     limit_per_class: int | None = None
     amp: bool = True
     dataset_name: str | None = None
+    command: str | None = None
     augment_cfg: dict = field(default_factory=dict)
 
 
