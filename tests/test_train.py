@@ -257,3 +257,28 @@ def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     hist = json.loads((out / "metrics.json").read_text())
     assert len(hist) == 4
     assert json.loads((out / "test_report.json").read_text())["accuracy"] > 0.6
+
+
+def test_disk_cache_is_keyed_by_content_and_preprocessing(tmp_path):
+    from cxr.train.cache import cache_key, decode_all
+
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((20, 30), 40 * i, np.uint8)).save(p)
+        paths.append(p)
+    pp = Preprocessing(size=16)
+    first = decode_all(paths, pp, workers=2, cache_dir=tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    np.testing.assert_array_equal(decode_all(paths, pp, workers=2, cache_dir=tmp_path / "c"), first)
+    key = cache_key(paths, pp)
+    assert cache_key(paths, Preprocessing(size=16, resize="pad")) != key
+    Image.fromarray(np.full((20, 30), 250, np.uint8)).save(paths[0])  # same name, new content
+    assert cache_key(paths, pp) != key
+    assert decode_all(paths, pp, workers=2, cache_dir=tmp_path / "c")[0].min() == 250
+
+
+def test_bn_momentum_is_set_for_short_schedules():
+    model = build_model("mobilenet_v3_small", num_classes=3)
+    moms = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert moms == {0.1}

@@ -87,8 +87,15 @@ def _replace_head(model: nn.Module, arch: str, num_classes: int) -> None:
         nn.init.zeros_(model.classifier[1].bias)
 
 
-def build_model(arch: str, num_classes: int, in_channels: int = 1, input_size: int = 224) -> nn.Module:
-    """A freshly initialised model (no pretrained weights; see ``load_pretrained``)."""
+def build_model(arch: str, num_classes: int, in_channels: int = 1, input_size: int = 224,
+                bn_momentum: float | None = 0.1) -> nn.Module:
+    """A freshly initialised model (no pretrained weights; see ``load_pretrained``).
+
+    BatchNorm momentum is set to ``bn_momentum`` everywhere (None keeps torchvision's choice).
+    torchvision's MobileNetV3/EfficientNet use 0.01, tuned for 600-epoch ImageNet schedules;
+    in a 30-epoch run from scratch their running statistics lag the weights so far that the
+    eval-mode model predicted one class for every validation image after two epochs.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if arch == "baseline_cnn":
@@ -96,6 +103,10 @@ def build_model(arch: str, num_classes: int, in_channels: int = 1, input_size: i
     model = getattr(tvm, arch)(weights=None)
     _replace_head(model, arch, num_classes)
     _one_channel_stem(model, arch, in_channels)
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
     return model
 
 
