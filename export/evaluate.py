@@ -14,66 +14,27 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predictions. Labels < 0 (unknown) are ignored."""
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    keep = y_true >= 0
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true[keep], y_pred[keep]), 1)
-    return cm
-
-
-def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    out = np.full(a.shape, np.nan)
-    np.divide(a, b, out=out, where=b > 0)
-    return out
+from cxr.runtime.metrics import classification_report
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
-    """Accuracy, macro-F1 and per-class sensitivity/specificity/precision/F1 plus confusion.
+    """The runtime's ``classification_report`` over the known labels, as the report stores it.
 
-    Classes absent from ``y_true`` get NaN sensitivity (reported as null) and are left out of
-    the macro average, so a small eval subset does not pretend a class scored 0.
+    Labels < 0 (a folder class the model does not know) are left out. Classes absent from
+    ``y_true`` get null sensitivity and F1 (not 0) and are left out of the macro average, so a
+    small eval subset does not pretend a class scored 0.
     """
-    k = len(classes)
-    cm = confusion(y_true, y_pred, k)
-    n = int(cm.sum())
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1).astype(np.float64)
-    predicted = cm.sum(axis=0).astype(np.float64)
-    fp = predicted - tp
-    fn = support - tp
-    tn = n - tp - fp - fn
-    sens = _safe_div(tp, support)
-    spec = _safe_div(tn, tn + fp)
-    prec = _safe_div(tp, predicted)
-    f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
-    present = support > 0
-    macro_f1 = float(np.mean(f1[present])) if present.any() else float("nan")
-
-    def _num(x: float) -> float | None:
-        return None if not np.isfinite(x) else round(float(x), 6)
-
-    return {
-        "n": n,
-        "accuracy": _num(tp.sum() / n) if n else None,
-        "macro_f1": _num(macro_f1),
-        "per_class": {
-            c: {
-                "support": int(support[i]),
-                "sensitivity": _num(sens[i]),
-                "specificity": _num(spec[i]),
-                "precision": _num(prec[i]),
-                "f1": _num(f1[i]),
-            }
-            for i, c in enumerate(classes)
-        },
-        "confusion": cm.tolist(),
-    }
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    keep = y_true >= 0
+    rep = classification_report(y_true[keep], y_pred[keep], list(classes))
+    for v in rep["per_class"].values():
+        if v["support"] == 0:
+            v["sensitivity"] = v["f1"] = None
+    rep["confusion"] = rep.pop("confusion_matrix")
+    if rep["n"] == 0:
+        rep["accuracy"] = rep["macro_f1"] = None
+    return rep
 
 
 def agreement(a_probs: np.ndarray, b_probs: np.ndarray) -> float:
