@@ -1,8 +1,11 @@
 """Copy an exported fp32/int8 pair into ``models/`` and write the manifest the runtime reads.
 
-The default precision follows the export's own verdict: int8 when ``cxr-export`` wrote an int8
-model (it only does so when the measured drop is within its bound), else fp32. The reason is
-recorded in ``manifest.json``.
+The default precision follows the export's own measurements: int8 when ``cxr-export`` wrote an
+int8 model (it only does so when the measured accuracy drop is within its bound) **and** that
+model was not slower than fp32 where it was measured; else fp32. An int8 model that is
+accurate enough but slower (s8s8 kernels on a CPU without VNNI, for example) still ships, for
+``--precision int8``, but would make every default scan slower for no gain in accuracy.
+The reason is recorded in ``manifest.json``.
 
     python -m cxr.export.ship exports/cxr-mnv3s-160.onnx --to models/
 """
@@ -48,12 +51,21 @@ def ship(onnx_path: Path, to: Path) -> dict:
         if src.is_file() and (key not in ("int8", "int8_card") or has_int8):
             shutil.copy2(src, to / src.name)
             copied[key] = src.name
-    if has_int8:
-        reason = "int8 within the export bound (" + json.dumps((report["int8"] or {}).get("bound", {})) + ")"
+    speed = {k: ((report.get("models") or {}).get(k) or {}).get("speed") or {} for k in ("onnx_fp32", "onnx_int8")}
+    ips32, ips8 = speed["onnx_fp32"].get("throughput_ips"), speed["onnx_int8"].get("throughput_ips")
+    int8_default = has_int8 and not (ips32 and ips8 and ips8 < ips32)
+    bound = json.dumps((report.get("int8") or {}).get("bound", {}))
+    cpu = (report.get("cpu") or {}).get("model", "the export machine")
+    if int8_default:
+        reason = f"int8 within the export bound {bound}"
+    elif has_int8:
+        reason = (f"int8 is within the export bound {bound} but slower than fp32 on {cpu} "
+                  f"({ips8} vs {ips32} images/s at batch {speed['onnx_fp32'].get('throughput_batch')}); "
+                  "it ships for --precision int8")
     else:
         reason = f"no int8 model within the export bound (int8 status: {int8_status or 'not built'})"
     manifest = {
-        "default_precision": "int8" if has_int8 else "fp32",
+        "default_precision": "int8" if int8_default else "fp32",
         "reason": reason,
         "models": {"fp32": copied["fp32"], **({"int8": copied["int8"]} if has_int8 else {})},
         "cards": {k: v for k, v in copied.items() if k in ("card", "int8_card")},

@@ -10,12 +10,14 @@ from cxr.export.ship import ship
 from cxr.models import default_model_path
 
 
-def _export(tmp_path, int8_status):
+def _export(tmp_path, int8_status, ips=(100.0, 200.0)):
     d = tmp_path / "exp"
     d.mkdir()
     (d / "m.onnx").write_bytes(b"fp32")
     (d / "m.card.md").write_text("# card")
-    report = {"parity": {"passed": True}, "int8": None}
+    report = {"parity": {"passed": True}, "int8": None, "cpu": {"model": "TestCPU"},
+              "models": {"onnx_fp32": {"speed": {"throughput_ips": ips[0], "throughput_batch": 32}},
+                         "onnx_int8": {"speed": {"throughput_ips": ips[1], "throughput_batch": 32}}}}
     if int8_status:
         (d / "m.int8.onnx").write_bytes(b"int8")
         (d / "m.int8.card.md").write_text("# int8 card")
@@ -45,3 +47,11 @@ def test_unfinished_export_is_refused(tmp_path):
     (src.parent / "m.report.json").unlink()
     with pytest.raises(Exception, match="report"):
         ship(src, tmp_path / "models")
+
+
+def test_int8_that_is_slower_ships_but_is_not_the_default(tmp_path):
+    manifest = ship(_export(tmp_path, "ok", ips=(580.0, 103.0)), tmp_path / "models")
+    assert manifest["default_precision"] == "fp32"
+    assert manifest["models"]["int8"] == "m.int8.onnx"
+    assert "slower than fp32 on TestCPU" in manifest["reason"]
+    assert default_model_path(models_dir=tmp_path / "models").name == "m.onnx"
