@@ -186,3 +186,11 @@ def test_named_pipes_never_block_the_scan(classifier, tmp_path):
     assert [(Path(r.path).name, r.status) for r in results] == [("a.png", "ok"), ("pipe.png", "error")]
     assert "not a regular file" in results[1].error
     assert stats.skipped == 1
+
+
+def test_session_threads_do_not_spin_against_the_decoders():
+    from cxr.runtime.session import _session_options
+
+    so = _session_options(2)
+    assert so.intra_op_num_threads == 2
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
