@@ -408,7 +408,8 @@ def main(argv=None) -> int:
     if not Path(args.data).is_dir():
         print(f"error: data folder not found: {args.data} (pass --data or set CXR_DATA)", file=sys.stderr)
         return 2
-    from cxr.runtime.benchmark import cpu_name, warm_file_cache
+    from cxr.runtime.benchmark import warm_file_cache
+    from cxr.runtime.cpu import cpu_info
     from cxr.runtime.session import load_model
 
     info = load_model(args.fp32, threads=1, warmup=False).info
@@ -450,7 +451,7 @@ def main(argv=None) -> int:
                     "large_images": len(variants[2]["preds"]), "large_rss_mb": variants[2]["peak_rss_mb"]}
 
         res = {
-            "cpu": cpu_name(), "cpu_count": os.cpu_count(), "data": os.path.abspath(args.data),
+            "cpu": cpu_info()["model"] or "unknown CPU", "cpu_count": os.cpu_count(), "data": os.path.abspath(args.data),
             "data_name": Path(args.data).name, "images": len(files), "threads": args.threads,
             "arch": info.arch, "input_size": info.preprocess.size,
             "models": {"checkpoint": args.checkpoint, "fp32": args.fp32, "int8": args.int8},

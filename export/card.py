@@ -85,7 +85,7 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
         L.append(f"| ONNX export | {export.get('exporter', '-')} exporter, opset {export.get('opset', '-')} |")
     L.append(f"| checkpoint sha256 | `{x.get('checkpoint_sha256', '-')}` |")
     L += ["", "## Intended use and limits", "", x.get("intended_use", "Research use only; not a diagnosis."), ""]
-    L += [f"- A research and triage aid, **not a diagnosis**: every output needs review by a qualified reader.",
+    L += ["- A research and triage aid, **not a diagnosis**: every output needs review by a qualified reader.",
           f"- It knows exactly {len(classes)} classes ({', '.join(classes)}) and always answers with one of "
           "them; findings outside these classes (other diseases, devices, non-chest images) are not detected.",
           "- Probabilities are softmax scores, not calibrated clinical risk; no operating threshold was validated."]

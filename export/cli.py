@@ -12,7 +12,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +19,15 @@ from pathlib import Path
 import click
 import numpy as np
 
+from cxr.runtime.cpu import cpu_info
 from cxr.runtime.metadata import ModelInfo
+from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing
 
 from . import onnx_export, parity as parity_mod, quantize
 from .data import (ExportInputError, find_manifest, folder_items, load_checkpoint, load_images, log,
-                   read_manifest, sha256_file, stratified_subset)
-from .evaluate import (agreement, classification_metrics, cpu_info, measure_speed, ort_runner, ort_session,
+                   read_manifest, stratified_subset)
+from .evaluate import (agreement, classification_metrics, measure_speed, ort_runner, ort_session,
                        run_batched, torch_runner)
 from .report import REPORT_FORMAT, int8_candidates_table, metadata_summary, table, write_json
 

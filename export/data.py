@@ -8,7 +8,6 @@ only a proof if it is measured on the exact path serving will take.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 
 from cxr.runtime.dataset import discover_labelled, is_candidate_image
 from cxr.runtime.imageio import ImageReadError, load_image
+from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing, preprocess
 
 CHECKPOINT_FORMAT = "cxr-checkpoint/1"
@@ -32,14 +32,6 @@ class ExportInputError(Exception):
 
 def log(msg: str) -> None:
     print(f"[cxr-export] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_file(path: "str | os.PathLike[str]") -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- checkpoint

@@ -8,7 +8,6 @@ columns are computed identically.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Callable, Sequence
 
@@ -118,33 +117,4 @@ def measure_speed(fn: Callable[[np.ndarray], np.ndarray], sample: np.ndarray, ru
         "latency_runs": len(times),
         "throughput_ips": round(batch * n_b / t_b, 1),
         "throughput_batch": batch,
-    }
-
-
-def cpu_info() -> dict:
-    """The CPU the numbers were measured on; VNNI decides whether int8 is fast and whether
-    u8 activations risk saturation (reduce_range)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.processor(), platform.machine()):
-                    model = val.strip()
-                elif key == "flags" and not flags:
-                    flags = set(val.split())
-    except OSError:
-        pass
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except OSError:
-        load = None
-    return {
-        "model": model,
-        "cores": os.cpu_count(),
-        "load_avg_1min": load,  # timings taken on a busy machine are not comparable
-        "avx2": "avx2" in flags,
-        "avx512": "avx512f" in flags,
-        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
     }

@@ -29,8 +29,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .cpu import cpu_info
 from .dataset import LabelledImage, discover_labelled
 from .engine import DEFAULT_BATCH_SIZE, default_workers, prepare, scan_files
+from .latency import percentiles_ms
 from .metrics import classification_report
 from .session import Model, ModelLoadError, load_model
 
@@ -47,18 +49,6 @@ class BenchError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-
-def cpu_name() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo), else whatever the platform reports."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def shipped_model_paths() -> list[Path]:
@@ -152,14 +142,6 @@ def warm_file_cache(paths: Sequence[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # timings
-
-
-def percentiles_ms(seconds: Sequence[float]) -> dict[str, Any]:
-    a = np.asarray(seconds, dtype=np.float64) * 1e3
-    if a.size == 0:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None}
-    p50, p90, p99 = np.percentile(a, [50, 90, 99])
-    return {"n": int(a.size), "p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(a.mean())}
 
 
 def sample_inputs(model: Model, paths: Sequence[str], count: int = LATENCY_SAMPLES) -> np.ndarray | None:
@@ -428,7 +410,7 @@ def run_bench(
         "batch_size": batch_size,
         "decode_workers": workers,
         "latency_runs": runs,
-        "cpu": cpu_name(),
+        "cpu": cpu_info()["model"] or "unknown CPU",
         "cpu_count": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "python": platform.python_version(),

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from .dataset import IGNORED_DIRS
-from .imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES, describe_os_error, is_dicom_file
+from .dataset import IGNORED_DIRS, is_candidate_image
+from .imageio import describe_os_error, is_dicom_file
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,9 @@ def _classify_name(full: str, name: str) -> str | None:
     """Skip reason for a regular file found while walking, or None to scan it."""
     if name.startswith("."):
         return "hidden file"
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in IMAGE_SUFFIXES or suffix in DICOM_SUFFIXES:
+    if is_candidate_image(name):
         return None
-    if not suffix and os.path.isfile(full) and is_dicom_file(full):  # isfile: never open a FIFO
+    if not os.path.splitext(name)[1] and os.path.isfile(full) and is_dicom_file(full):  # isfile: never open a FIFO
         return None  # DICOM files often carry no suffix; the DICM marker says what they are
     return "non-image file"
 

@@ -26,7 +26,8 @@ from .session import Model
 LATENCY_DEFINITION = "batch inference time / images in the batch, warm (after one warm-up inference)"
 
 
-def _percentiles(values) -> dict[str, float | int | None]:
+def percentiles_ms(values) -> dict[str, float | int | None]:
+    """n, p50/p90/p99, mean, min, max in ms of durations given in seconds."""
     a = np.asarray(values, dtype=np.float64) * 1e3
     if a.size == 0:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "mean": None, "min": None, "max": None}
@@ -56,7 +57,7 @@ def build_report(model: Model, stats: ScanStats, *, batch_size: int, workers: in
         "model_load_ms": model.load_ms,
         "session_create_ms": model.session_create_ms,
         "first_inference_ms": model.first_inference_ms,
-        "warm_latency_ms": {"definition": LATENCY_DEFINITION, **_percentiles(stats.image_latency_s)},
+        "warm_latency_ms": {"definition": LATENCY_DEFINITION, **percentiles_ms(stats.image_latency_s)},
         "wall_s": wall,
         "throughput_images_per_s": (stats.ok / wall) if wall > 0 else None,
         "stages_ms_per_image": {

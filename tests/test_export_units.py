@@ -47,7 +47,9 @@ def test_agreement_and_parity_verdict():
 def test_speed_and_cpu_info():
     s = evaluate.measure_speed(lambda x: x * 2, np.zeros((3, 1, 4, 4), np.float32), runs=5, batch=8)
     assert s["latency_ms_p50"] >= 0 and s["throughput_ips"] > 0 and s["throughput_batch"] == 8
-    cpu = evaluate.cpu_info()
+    from cxr.runtime.cpu import cpu_info
+
+    cpu = cpu_info()
     assert isinstance(cpu["vnni"], bool) and cpu["cores"] >= 1
 
 

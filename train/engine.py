@@ -8,7 +8,6 @@ the end -- it chooses nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cxr.runtime.metrics import classification_report
+from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing
 
 from . import distributed as D
@@ -116,14 +116,6 @@ def _limit(items, limit: int | None, seed: int):
     return sorted(out, key=lambda t: str(t[0]))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _prepare_split(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     manifest_path = out / "split.json"
     if cfg.split:
@@ -162,7 +154,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
     manifest = _prepare_split(cfg, out, info)
     D.barrier(info)
-    manifest_sha = _sha256(out / "split.json")
+    manifest_sha = sha256_file(out / "split.json")
     classes = manifest["classes"]
     k = len(classes)
     pp = Preprocessing(size=cfg.image_size, resize=cfg.resize, interpolation=cfg.interpolation,

@@ -1,0 +1,39 @@
+"""Which CPU a measurement was taken on: speed numbers mean little without it.
+
+VNNI decides whether int8 is fast and whether u8 activations risk saturation (reduce_range);
+the load average says whether the machine was busy while timing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_info() -> dict:
+    """Model name, core count, load, and the instruction sets that matter for int8 (Linux
+    /proc/cpuinfo; elsewhere whatever the platform reports)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.processor(), platform.machine()):
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:
+        load = None
+    return {
+        "model": model,
+        "cores": os.cpu_count(),
+        "load_avg_1min": load,  # timings taken on a busy machine are not comparable
+        "avx2": "avx2" in flags,
+        "avx512": "avx512f" in flags,
+        "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+    }
