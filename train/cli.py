@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from cxr.runtime.preprocess import RESIZE_POLICIES, Preprocessing
+
 from .models import ARCHS
 
 
@@ -19,8 +21,8 @@ from .models import ARCHS
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Labelled folder: <Class>/images/*.png or <Class>/*.")
 @click.option("--arch", type=click.Choice(ARCHS), default="mobilenet_v2")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run directory (created).")
-@click.option("--image-size", type=int, default=224, help="Square input size in pixels.")
-@click.option("--resize", type=click.Choice(["squash", "center_crop", "pad"]), default="squash", help="How non-square images fit the input.")
+@click.option("--image-size", type=int, default=Preprocessing.size, help="Square input size in pixels.")
+@click.option("--resize", type=click.Choice(RESIZE_POLICIES), default=Preprocessing.resize, help="How non-square images fit the input.")
 @click.option("--epochs", type=int, default=30)
 @click.option("--batch-size", type=int, default=32)
 @click.option("--lr", type=float, default=1e-3, help="Peak AdamW learning rate (after warm-up).")

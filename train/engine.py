@@ -40,11 +40,12 @@ class TrainConfig:
     data: str | None = None
     out: str = "runs/exp"
     arch: str = "mobilenet_v2"
-    image_size: int = 224
-    resize: str = "squash"
-    interpolation: str = "bilinear"
-    mean: float = 0.5
-    std: float = 0.25
+    # the preprocessing knobs default to the runtime's own defaults (one source)
+    image_size: int = Preprocessing.size
+    resize: str = Preprocessing.resize
+    interpolation: str = Preprocessing.interpolation
+    mean: float = Preprocessing.mean
+    std: float = Preprocessing.std
     epochs: int = 30
     batch_size: int = 32
     lr: float = 1e-3
