@@ -8,7 +8,6 @@ only a proof if it is measured on the exact path serving will take.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.runtime.dataset import discover_labelled, is_candidate_image
+from cxr.runtime.dataset import discover_labelled, is_candidate_image, read_split_manifest
 from cxr.runtime.imageio import ImageReadError, load_image
 from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing, preprocess
 
 CHECKPOINT_FORMAT = "cxr-checkpoint/1"
-MANIFEST_FORMAT = "cxr-split/1"
 SPLITS = ("train", "val", "test")
 
 
@@ -100,11 +98,9 @@ def read_manifest(path: "str | os.PathLike[str]", data_root: "str | os.PathLike[
     """Parse ``split.json``; item paths resolve against its root, or ``data_root`` if the data moved."""
     p = Path(path)
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportInputError(f"cannot read split manifest {p}: {exc}") from None
-    if doc.get("format") != MANIFEST_FORMAT:
-        raise ExportInputError(f"{p} is not a {MANIFEST_FORMAT} manifest (format: {doc.get('format')!r})")
+        doc = read_split_manifest(p)
+    except ValueError as exc:
+        raise ExportInputError(str(exc)) from None
     root = Path(data_root) if data_root else Path(doc.get("root", ""))
     if not root.is_dir():
         hint = "" if data_root else " (use --data-root if the data moved)"

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .cpu import cpu_info
-from .dataset import LabelledImage, discover_labelled
+from .dataset import LabelledImage, discover_labelled, read_split_manifest
 from .engine import DEFAULT_BATCH_SIZE, default_workers, prepare, scan_files
 from .latency import percentiles_ms
 from .metrics import classification_report
@@ -89,12 +89,9 @@ def split_items(data_dir: "str | os.PathLike[str]", split_path: "str | os.PathLi
     docs/contracts.md), paths resolved against ``data_dir``: accuracy on the held-out test split,
     not on images the model was trained on."""
     try:
-        with open(split_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read split manifest {split_path}: {exc}") from None
-    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith("cxr-split/"):
-        raise BenchError(f"{split_path} is not a cxr-train split manifest (no \"format\": \"cxr-split/1\")")
+        manifest = read_split_manifest(split_path)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
     rows = [it for it in manifest.get("items", []) if isinstance(it, dict) and it.get("split") == subset]
     if not rows:
         subsets = sorted({str(it.get("split")) for it in manifest.get("items", []) if isinstance(it, dict)})

@@ -7,11 +7,14 @@ are found -- 3, 4 or more -- sorted by name so their order is deterministic.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
+
+SPLIT_FORMAT = "cxr-split/1"  # cxr-train's split.json, see docs/contracts.md
 
 # Folders inside a class folder that hold something other than the class's X-rays.
 IGNORED_DIRS = frozenset({"masks", "mask", "__MACOSX", ".git"})
@@ -59,3 +62,19 @@ def discover_labelled(root: "str | os.PathLike[str]") -> tuple[list[str], list[L
             f"no labelled images in {root}: expected <Class>/images/*.png or <Class>/*.png class folders"
         )
     return classes, items
+
+
+def read_split_manifest(path: "str | os.PathLike[str]") -> dict:
+    """Parse a cxr-train ``split.json``; the one reader that training, export and bench share.
+
+    Raises ValueError saying what is wrong (unreadable, not JSON, not a split manifest).
+    """
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read split manifest {p}: {exc}") from None
+    got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    if got != SPLIT_FORMAT:
+        raise ValueError(f"{p} is not a cxr-train split manifest (format {got!r}, expected {SPLIT_FORMAT!r})")
+    return doc

@@ -11,9 +11,8 @@ import json
 import random
 from pathlib import Path
 
-from cxr.runtime.dataset import LabelledImage, discover_labelled
-
-FORMAT = "cxr-split/1"
+from cxr.runtime.dataset import SPLIT_FORMAT as FORMAT
+from cxr.runtime.dataset import LabelledImage, discover_labelled, read_split_manifest
 SPLITS = ("train", "val", "test")
 
 
@@ -60,9 +59,7 @@ def save_manifest(manifest: dict, path: Path) -> str:
 
 def load_manifest(path: Path, root_override: Path | None = None) -> dict:
     """Load a split file; ``root_override`` points it at data that moved."""
-    manifest = json.loads(Path(path).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cxr split manifest (format {manifest.get('format')!r})")
+    manifest = read_split_manifest(path)
     if root_override is not None:
         manifest["root"] = str(Path(root_override).resolve())
     return manifest
