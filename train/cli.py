@@ -39,6 +39,8 @@ from .models import ARCHS
 @click.option("--threads", type=int, help="torch intra-op threads (default: all cores).")
 @click.option("--workers", type=int, help="Decode threads for the one-time image cache.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Keep decoded uint8 images on disk between runs.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="NHWC memory layout (faster convolutions on CPU and on CUDA tensor cores).")
 @click.option("--no-augment", is_flag=True, help="Disable all augmentation.")
 @click.option("--no-robust-augment", is_flag=True, help="Keep only the study's flip/rotate/zoom augmentation.")
 @click.option("--no-shift-eval", is_flag=True, help="Skip the acquisition-shift test (resize 299 + JPEG q75).")
@@ -72,7 +74,7 @@ def main(**kw) -> None:
             device=kw["device"], threads=kw["threads"], workers=kw["workers"], cache_dir=kw["cache_dir"],
             augment=not kw["no_augment"], robust_augment=not kw["no_robust_augment"],
             shift_eval=not kw["no_shift_eval"], limit_per_class=kw["limit_per_class"],
-            dataset_name=kw["dataset_name"], command=shlex.join(["cxr-train", *sys.argv[1:]]),
+            channels_last=kw["channels_last"], dataset_name=kw["dataset_name"], command=shlex.join(["cxr-train", *sys.argv[1:]]),
         )
     report = run(cfg)
     if report:
