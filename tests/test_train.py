@@ -282,3 +282,16 @@ def test_bn_momentum_is_set_for_short_schedules():
     model = build_model("mobilenet_v3_small", num_classes=3)
     moms = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert moms == {0.1}
+
+
+def test_long_epochs_report_step_progress(tiny_dataset, tmp_path, monkeypatch):
+    # an epoch of a real run takes minutes on a CPU; it must not be silent until it ends
+    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0.0)
+    args = ["--data", str(tiny_dataset), "--arch", "baseline_cnn", "--image-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--threads", "1", "--no-shift-eval", "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(train_main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip().startswith("epoch 1: step")]
+    steps = [int(ln.split("step ")[1].split("/")[0]) for ln in lines]
+    assert steps and steps == sorted(steps) and steps[0] == 1
+    assert all("img/s" in ln and "ETA" in ln for ln in lines)

@@ -33,6 +33,7 @@ from .models import build_model, count_parameters, load_pretrained
 from .split import load_manifest, make_split, save_manifest, split_counts, split_items
 
 CHECKPOINT_FORMAT = "cxr-checkpoint/1"
+PROGRESS_EVERY_S = 60.0  # a step-progress line on stderr at most this often within an epoch
 
 
 @dataclass
@@ -264,6 +265,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
         net.train()
         loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
         cm = torch.zeros(k, k, dtype=torch.int64, device=device)
+        next_note = t0 + PROGRESS_EVERY_S
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             if len(idx) == 0:
@@ -286,6 +288,14 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
             loss_sum += loss.detach().double() * len(idx)
             pred = logits.detach().argmax(1)
             cm += torch.bincount(yb * k + pred, minlength=k * k).view(k, k)
+            now = time.perf_counter()
+            if info.main and now >= next_note and step + 1 < steps_per_epoch:
+                next_note = now + PROGRESS_EVERY_S
+                rate = (step + 1) / (now - t0)
+                _log(f"  epoch {epoch + 1}: step {step + 1}/{steps_per_epoch}  "
+                     f"loss {float(loss_sum.item()) / max(1, int(cm.sum())):.4f}  "
+                     f"{rate * cfg.batch_size * info.world:.0f} img/s  "
+                     f"epoch ETA {(steps_per_epoch - step - 1) / rate:.0f}s", info)
         D.all_reduce_sum(loss_sum, info)
         D.all_reduce_sum(cm, info)
         train_time = time.perf_counter() - t0
