@@ -8,13 +8,15 @@ mild blur/sharpen, JPEG re-compression and gamma/contrast changes.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 
 from cxr.runtime.preprocess import Preprocessing
 
@@ -96,10 +98,19 @@ def _blur_sharpen(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return (x + amount * (x - blurred)).clamp_(0, 1)
 
 
+def _jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("L"))
+
+
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8)
-    decoded = decode_jpeg(encode_jpeg(list(u8), quality=quality))
-    return torch.stack(decoded).to(torch.float32) / 255.0
+    # Pillow's libjpeg-turbo (torchvision's JPEG codec is deprecated since 0.29)
+    u8 = (x * 255).round_().clamp_(0, 255).to(torch.uint8).numpy()
+    decoded = np.stack([_jpeg_roundtrip(img[0], quality)[None] for img in u8])
+    return torch.from_numpy(decoded).to(torch.float32) / 255.0
 
 
 def _subset(b: int, p: float, gen: torch.Generator) -> torch.Tensor:
