@@ -123,6 +123,12 @@ def test_two_models_metrics_agreement_unknown_labels(setup):
         assert row["inference_throughput"]["batch_size"] == 4
         assert row["inference_throughput"]["images_per_s"] > 0
         assert row["scan"]["images_per_s"] > 0 and row["scan_pct_of_limit"] > 0
+        dec = row["decode_throughput"]
+        assert dec["images_per_s"] > 0 and dec["images"] == r["images"]  # small folder: every file
+        assert row["pipeline_limit"]["shared_cores"] is True  # CPU provider
+        lim = row["pipeline_limit"]["images_per_s"]
+        assert lim < min(dec["images_per_s"], row["inference_throughput"]["images_per_s"])
+        assert row["scan_pct_of_limit"] == pytest.approx(100 * row["scan"]["images_per_s"] / lim)
         assert row["size_bytes"] == Path(row["model"]).stat().st_size
 
     assert r["models"][0]["agreement"] is None
@@ -257,3 +263,12 @@ def test_split_manifest_benches_only_the_test_subset(setup, tmp_path):
     assert res.exit_code == 2 and "not a cxr-train split manifest" in res.output
     res = invoke(clean, "--model", a, "--split", split, "--subset", "val")
     assert res.exit_code == 2 and "no 'val' items" in res.output
+
+
+def test_pipeline_limit_adds_core_times_on_cpu_and_takes_the_slower_stage_on_gpu():
+    from cxr.runtime.benchmark import pipeline_limit
+
+    # 1000 img/s decode + 250 img/s inference on the same cores: 1 ms + 4 ms per image -> 200 img/s
+    assert pipeline_limit(1000.0, 250.0, shared_cores=True) == pytest.approx(200.0)
+    assert pipeline_limit(1000.0, 250.0, shared_cores=False) == 250.0
+    assert pipeline_limit(None, 250.0, shared_cores=True) is None
