@@ -101,6 +101,22 @@ def _train_command(ckpt: dict, override: str | None) -> str | None:
     return None
 
 
+def _seal(partial: Path, dest: Path, info: ModelInfo, check) -> None:
+    """Embed the metadata, check the finished file, then move it to ``dest`` in one rename: a
+    model file exists under its final name only once everything about it has passed."""
+    onnx_export.write_metadata(partial, info.to_props())
+    check(partial)
+    os.replace(partial, dest)
+
+
+def _announce(path: Path, card: bool, detail: str = "") -> None:
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB){detail}")
+    if card:
+        from .card import write_model_card
+
+        log(f"wrote {write_model_card(path)}")
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -298,16 +314,10 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         }
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
-        onnx_export.write_metadata(partial, info.to_props())
-        onnx_export.check_onnx(partial)
-        os.replace(partial, out)
+        _seal(partial, out, info, onnx_export.check_onnx)
     finally:
         partial.unlink(missing_ok=True)
-    log(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")
-    if card:
-        from .card import write_model_card
-
-        log(f"wrote {write_model_card(out)}")
+    _announce(out, card)
 
     # ---------------------------------------------------------------- int8
     refused = None
@@ -423,18 +433,13 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             }
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)
-            onnx_export.write_metadata(partial, info.to_props())
             import onnx
 
-            onnx.checker.check_model(str(partial))
-            os.replace(partial, int8_out)
+            # QDQ graphs get the plain checker; the fp32 check's strict shape inference is for fp32
+            _seal(partial, int8_out, info, lambda p: onnx.checker.check_model(str(p)))
         finally:
             partial.unlink(missing_ok=True)
-    log(f"wrote {int8_out} ({int8_out.stat().st_size / 1e6:.2f} MB), scheme {scheme.name}")
-    if card:
-        from .card import write_model_card
-
-        log(f"wrote {write_model_card(int8_out)}")
+    _announce(int8_out, card, f", scheme {scheme.name}")
     return None
 
 
