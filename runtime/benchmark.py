@@ -42,6 +42,7 @@ FORMAT = "cxr-bench/1"
 DEFAULT_RUNS = 100  # timed batch-1 inferences per model
 WARMUP_RUNS = 10
 LATENCY_SAMPLES = 16  # distinct preprocessed images cycled through by the inference timings
+MIN_TIMED_S = 2.0  # the model-alone throughput is timed for at least this long
 DECODE_SAMPLES = 256  # files decoded + preprocessed (no model) to time the decode stage alone
 MAX_ERROR_EXAMPLES = 5
 
@@ -180,12 +181,15 @@ def time_batched(model: Model, samples: np.ndarray, batch_size: int, runs: int) 
     for _ in range(2):
         model.run(batch)
     times = []
-    for _ in range(n_batches):
+    start = time.perf_counter()
+    # at least n_batches, and at least MIN_TIMED_S of them: a handful of batches on a shared
+    # machine is noise, and this number is the ceiling the scan is judged against
+    while len(times) < n_batches or time.perf_counter() - start < MIN_TIMED_S:
         t0 = time.perf_counter()
         model.run(batch)
         times.append(time.perf_counter() - t0)
     median = float(np.median(times))
-    return {"batch_size": batch_size, "batches": n_batches, "batch_ms_p50": median * 1e3,
+    return {"batch_size": batch_size, "batches": len(times), "batch_ms_p50": median * 1e3,
             "images_per_s": batch_size / median if median > 0 else None}
 
 

@@ -26,6 +26,14 @@ from tiny_model import CLASSES, build_tiny_model
 
 FAST = ["--runs", "3", "--batch-size", "4", "--workers", "2", "--threads", "1"]
 
+
+@pytest.fixture(autouse=True)
+def _short_timings(monkeypatch):
+    # the real minimum timing window (seconds per model) is for benchmarks, not for tests
+    import cxr.runtime.benchmark as bm
+
+    monkeypatch.setattr(bm, "MIN_TIMED_S", 0.0)
+
 # Grey levels per folder class. The tiny model's boundaries sit at 64 and 191 (mean 0.5); the
 # shifted model's (mean 0.4) at 38 and 166, so levels between them make the two disagree.
 LEVELS = {
