@@ -8,8 +8,9 @@ For each model the labelled folder is scanned by the runtime's own scan engine
 throughput (decode included) come from the same pass. Pure inference is timed separately on
 already-preprocessed images: latency at batch 1, and the throughput the model alone sustains at
 the scan's batch size. The decode stage is timed alone too (files -> preprocessed tensors, no
-model), and the two give the ceiling a scan can approach ("how close to the limit"): on a CPU the
-stages compete for the same cores, so the limit is 1 / (1/decode + 1/inference).
+model), and the two give the ceiling a scan can approach ("how close to the limit"): the slower
+stage, and on a CPU, where the stages share the cores, the cores divided by the core-seconds
+both stages spend per image.
 
 Folder classes the model does not know (e.g. Lung_Opacity given to a 3-class model) are not
 dropped silently: they are counted, with what the model predicted for them, and left out of
@@ -181,15 +182,16 @@ def time_batched(model: Model, samples: np.ndarray, batch_size: int, runs: int) 
     for _ in range(2):
         model.run(batch)
     times = []
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), time.process_time()
     # at least n_batches, and at least MIN_TIMED_S of them: a handful of batches on a shared
     # machine is noise, and this number is the ceiling the scan is judged against
     while len(times) < n_batches or time.perf_counter() - start < MIN_TIMED_S:
         t0 = time.perf_counter()
         model.run(batch)
         times.append(time.perf_counter() - t0)
+    cores = (time.process_time() - cpu0) / max(time.perf_counter() - start, 1e-9)
     median = float(np.median(times))
-    return {"batch_size": batch_size, "batches": len(times), "batch_ms_p50": median * 1e3,
+    return {"batch_size": batch_size, "batches": len(times), "batch_ms_p50": median * 1e3, "cores_busy": cores,
             "images_per_s": batch_size / median if median > 0 else None}
 
 
@@ -204,20 +206,32 @@ def time_decode(paths: Sequence[str], pp, workers: int, count: int = DECODE_SAMP
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(lambda p: prepare(p, pp), sample[: 2 * workers]))  # warm the threads
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         ok = sum(1 for x, _, _, _ in pool.map(lambda p: prepare(p, pp), sample) if x is not None)
         dt = time.perf_counter() - t0
-    return {"images": len(sample), "readable": ok, "workers": workers,
+        cores = (time.process_time() - cpu0) / max(dt, 1e-9)
+    return {"images": len(sample), "readable": ok, "workers": workers, "cores_busy": cores,
             "images_per_s": len(sample) / dt if dt > 0 else None}
 
 
-def pipeline_limit(decode_ips: float | None, infer_ips: float | None, shared_cores: bool) -> float | None:
-    """The best a scan could do given each stage's own speed. On a CPU provider decode and
-    inference compete for the same cores, so their per-image core times add up
-    (1 / (1/decode + 1/infer)); with a GPU doing inference the slower stage bounds it."""
-    if not decode_ips or not infer_ips:
+def pipeline_limit(decode: dict | None, infer: dict | None, shared_cores: bool,
+                   cpus: int | None = None) -> float | None:
+    """The best a scan could do given each stage timed alone (``images_per_s`` and the CPU
+    cores it kept busy, ``cores_busy``). No scan beats its slower stage; on a CPU provider the
+    two stages also share the machine's cores, so per image their core-seconds add up and
+    ``cpus / (decode core-s + inference core-s)`` bounds it too. (A model that alone keeps only
+    part of the cores busy leaves room for decoding, which this accounts for.)"""
+    d_ips = (decode or {}).get("images_per_s")
+    i_ips = (infer or {}).get("images_per_s")
+    if not d_ips or not i_ips:
         return None
-    return 1.0 / (1.0 / decode_ips + 1.0 / infer_ips) if shared_cores else min(decode_ips, infer_ips)
+    limit = min(d_ips, i_ips)
+    if shared_cores:
+        cpus = cpus or os.cpu_count() or 1
+        core_s = decode.get("cores_busy", cpus) / d_ips + infer.get("cores_busy", cpus) / i_ips
+        if core_s > 0:
+            limit = min(limit, cpus / core_s)
+    return limit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +329,7 @@ def bench_model(
     scan_ips = stats.ok / wall if wall > 0 else None
     infer_ips = limit["images_per_s"] if limit else None
     shared = not any(p in model.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
-    limit_ips = pipeline_limit(decode["images_per_s"] if decode else None, infer_ips, shared)
+    limit_ips = pipeline_limit(decode, limit, shared)
     attempted = max(stats.files, 1)
     row: dict[str, Any] = {
         "model": os.fspath(model.path),
@@ -548,8 +562,9 @@ def format_summary(result: dict[str, Any]) -> str:
         dec = r.get("decode_throughput")
         pl = r.get("pipeline_limit") or {}
         st = r["scan"]["stages_ms_per_image"]
-        how = ("decode and inference share the CPU cores, so per-image core times add"
-               if pl.get("shared_cores") else "inference on the GPU, so the slower stage bounds it")
+        how = (f"{dec['cores_busy'] if dec else 0:.1f} + {lim['cores_busy'] if lim else 0:.1f} cores busy alone, "
+               f"sharing {os.cpu_count()}" if pl.get("shared_cores") and dec and lim
+               else "the slower stage bounds it")
         out.append(
             f"  {r['name']}: decode alone {_num(dec['images_per_s'] if dec else None, '.0f')} img/s "
             f"({dec['workers'] if dec else '-'} threads), model alone {_num(lim['images_per_s'] if lim else None, '.0f')} "

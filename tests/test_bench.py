@@ -135,7 +135,8 @@ def test_two_models_metrics_agreement_unknown_labels(setup):
         assert dec["images_per_s"] > 0 and dec["images"] == r["images"]  # small folder: every file
         assert row["pipeline_limit"]["shared_cores"] is True  # CPU provider
         lim = row["pipeline_limit"]["images_per_s"]
-        assert lim < min(dec["images_per_s"], row["inference_throughput"]["images_per_s"])
+        assert 0 < lim <= min(dec["images_per_s"], row["inference_throughput"]["images_per_s"])
+        assert dec["cores_busy"] > 0 and row["inference_throughput"]["cores_busy"] > 0
         assert row["scan_pct_of_limit"] == pytest.approx(100 * row["scan"]["images_per_s"] / lim)
         assert row["size_bytes"] == Path(row["model"]).stat().st_size
 
@@ -273,10 +274,14 @@ def test_split_manifest_benches_only_the_test_subset(setup, tmp_path):
     assert res.exit_code == 2 and "no 'val' items" in res.output
 
 
-def test_pipeline_limit_adds_core_times_on_cpu_and_takes_the_slower_stage_on_gpu():
+def test_pipeline_limit_accounts_for_shared_cores_and_the_slower_stage():
     from cxr.runtime.benchmark import pipeline_limit
 
-    # 1000 img/s decode + 250 img/s inference on the same cores: 1 ms + 4 ms per image -> 200 img/s
-    assert pipeline_limit(1000.0, 250.0, shared_cores=True) == pytest.approx(200.0)
-    assert pipeline_limit(1000.0, 250.0, shared_cores=False) == 250.0
-    assert pipeline_limit(None, 250.0, shared_cores=True) is None
+    dec = {"images_per_s": 1000.0, "cores_busy": 2.0}
+    # inference saturating both cores: 2 ms + 8 ms of core time per image on 2 cores -> 200 img/s
+    assert pipeline_limit(dec, {"images_per_s": 250.0, "cores_busy": 2.0}, True, cpus=2) == pytest.approx(200.0)
+    # inference keeping one core busy leaves the other for decoding: bounded by inference itself
+    assert pipeline_limit(dec, {"images_per_s": 250.0, "cores_busy": 1.0}, True, cpus=2) == pytest.approx(250.0)
+    # on a GPU the slower stage bounds it
+    assert pipeline_limit(dec, {"images_per_s": 250.0, "cores_busy": 2.0}, False) == 250.0
+    assert pipeline_limit(None, {"images_per_s": 250.0}, True) is None
