@@ -328,7 +328,7 @@ def bench_model(
     wall = stats.wall_s
     scan_ips = stats.ok / wall if wall > 0 else None
     infer_ips = limit["images_per_s"] if limit else None
-    shared = not any(p in model.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    shared = model.device == "cpu"  # on CUDA inference has its own cores
     limit_ips = pipeline_limit(decode, limit, shared)
     attempted = max(stats.files, 1)
     row: dict[str, Any] = {
@@ -563,7 +563,7 @@ def format_summary(result: dict[str, Any]) -> str:
         pl = r.get("pipeline_limit") or {}
         st = r["scan"]["stages_ms_per_image"]
         how = (f"{dec['cores_busy'] if dec else 0:.1f} + {lim['cores_busy'] if lim else 0:.1f} cores busy alone, "
-               f"sharing {os.cpu_count()}" if pl.get("shared_cores") and dec and lim
+               f"sharing {result['cpu_count']}" if pl.get("shared_cores") and dec and lim
                else "the slower stage bounds it")
         out.append(
             f"  {r['name']}: decode alone {_num(dec['images_per_s'] if dec else None, '.0f')} img/s "
