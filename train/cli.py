@@ -47,11 +47,17 @@ from .models import ARCHS
 @click.option("--limit-per-class", type=int, help="Use at most N training images per class (quick experiments).")
 @click.option("--dataset-name", help="Name recorded in the checkpoint (default: the data folder's name).")
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (its config wins except --epochs).")
+@click.option("--test-only", is_flag=True,
+              help="No training: test OUT/best.pt on the test split of --split (default OUT/split.json), "
+                   "images under --data if given, and write the test report.")
 def main(**kw) -> None:
     """Train ARCH on DATA and write checkpoint, split, metrics, plots and a test report to OUT."""
     from .engine import TrainConfig, run
 
     out = Path(kw["out"])
+    if kw["test_only"]:
+        _test_only(out, kw)
+        return
     if kw["resume"]:
         cfg_file = out / "config.json"
         if not (out / "last.pt").is_file() or not cfg_file.is_file():
@@ -79,6 +85,27 @@ def main(**kw) -> None:
     report = run(cfg)
     if report:
         print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1") if k in report}), file=sys.stdout)
+
+
+def _test_only(out: Path, kw: dict) -> None:
+    import torch
+
+    from .engine import finish
+
+    if not (out / "best.pt").is_file():
+        raise click.UsageError(f"--test-only: no best.pt in {out}")
+    manifest = Path(kw["split_file"]) if kw["split_file"] else out / "split.json"
+    if not manifest.is_file():
+        raise click.UsageError(f"--test-only: no split manifest {manifest} (give --split FILE)")
+    want_cuda = kw["device"] == "cuda" or (kw["device"] == "auto" and torch.cuda.is_available())
+    if kw["device"] == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda but torch sees no CUDA device")
+    if kw["threads"]:
+        torch.set_num_threads(kw["threads"])
+    report = finish(out, torch.device("cuda" if want_cuda else "cpu"), shift=not kw["no_shift_eval"],
+                    workers=kw["workers"], cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
+                    manifest_path=manifest, data_root=Path(kw["data"]) if kw["data"] else None)
+    print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1")}), file=sys.stdout)
 
 
 if __name__ == "__main__":

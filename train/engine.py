@@ -354,12 +354,22 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
 
 def finish(out: Path, device: torch.device, shift: bool = True, limit: int | None = None, seed: int = 0,
-           workers: int | None = None, cache_dir: Path | None = None) -> dict:
-    """Evaluate best.pt once on the test split; write the report, confusion PNG, and update best.pt."""
+           workers: int | None = None, cache_dir: Path | None = None, manifest_path: Path | None = None,
+           data_root: Path | None = None) -> dict:
+    """Evaluate best.pt once on the test split; write the report, confusion PNG, and update best.pt.
+
+    ``manifest_path`` (default: the run's ``split.json``) and ``data_root`` let a checkpoint trained
+    elsewhere, e.g. on a packed copy of the images, be judged on the original files of its split.
+    """
     best_path = out / "best.pt"
+    if not best_path.is_file():
+        raise SystemExit(f"error: no best.pt in {out}")
     ck = torch.load(best_path, map_location="cpu", weights_only=False)
     pp = Preprocessing.from_dict(ck["preprocess"])
-    manifest = load_manifest(out / "split.json")
+    manifest_path = Path(manifest_path) if manifest_path else out / "split.json"
+    manifest = load_manifest(manifest_path, data_root)
+    if manifest["classes"] != ck["classes"]:
+        raise SystemExit(f"error: {manifest_path} has classes {manifest['classes']}, the checkpoint {ck['classes']}")
     test_items = _limit(split_items(manifest, "test"), limit and max(2, limit // 4), seed)
     paths = [p for p, _ in test_items]
     x_test = decode_all(paths, pp, workers, cache_dir, "test")
@@ -376,6 +386,9 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
         "parameters": ck["parameters"],
         "image_size": pp.size,
         "eval_seconds": time.perf_counter() - t0,
+        "manifest": str(manifest_path.resolve()),
+        "manifest_sha256": sha256_file(manifest_path),
+        "data_root": manifest["root"],
         "caveat": ("Research use only, never a diagnosis. Split by image (no patient ids); each class of the "
                    "COVID-19 Radiography Database comes from different sources, so a model can learn the "
                    "source instead of the disease (DeGrave et al., Nat Mach Intell 2021)."),
