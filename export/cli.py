@@ -64,11 +64,14 @@ def _producer() -> str:
 
 
 def _command_line(ctx: click.Context, checkpoint: Path, out: Path, overrides: dict | None = None) -> str:
-    """The options the user actually gave, so the card can say how to reproduce the file."""
+    """The options the user actually gave, so the card can say how to reproduce the file.
+
+    ``--train-command`` is left out: its text is the card's training step, printed just above.
+    """
     parts = ["cxr-export", str(checkpoint), "--out", str(out)]
     for param in ctx.command.params:
         name = param.name
-        if name in ("checkpoint", "out") or not isinstance(param, click.Option):
+        if name in ("checkpoint", "out", "train_command") or not isinstance(param, click.Option):
             continue
         value = (overrides or {}).get(name, ctx.params.get(name))
         given = name in (overrides or {}) or ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE

@@ -264,10 +264,14 @@ def test_images_folder_and_data_root_override(run, tmp_path):
         shutil.copy(p, flat / p.name)
     out = tmp_path / "f.onnx"
     res = CliRunner().invoke(export_cli.main, [str(ckpt), "--out", str(out), "--images", str(flat),
-                                               "--data-root", str(moved), "--no-bench", "--no-card"])
+                                               "--data-root", str(moved), "--no-bench", "--no-card",
+                                               "--train-command", "# packed first\ncxr-train --data elsewhere"])
     assert res.exit_code == 0, res.output
     info = decode_props(_props(out))
     assert info.extra["parity"]["n_images"] == 5 and info.extra["parity"]["passed"]
+    reproduce = json.loads(info.extra["reproduce"])
+    assert reproduce["train"] == "# packed first\ncxr-train --data elsewhere"
+    assert "--data-root" in reproduce["export"] and "--train-command" not in reproduce["export"]
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path):
