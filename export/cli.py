@@ -215,7 +215,11 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     if man_path is not None:
         man = read_manifest(man_path, data_root)
         expected = (ckpt.get("training_data") or {}).get("manifest_sha256")
-        if expected and expected != man.sha256:
+        tested_on = (ckpt.get("test_metrics") or {}).get("manifest_sha256")
+        if tested_on == man.sha256 and expected != man.sha256:
+            log(f"{man_path} is the manifest the checkpoint was tested on (cxr-train --test-only), "
+                "not the one it was trained with")
+        elif expected and expected != man.sha256:
             log(f"WARNING: {man_path} sha256 {man.sha256[:12]} differs from the checkpoint's manifest_sha256 "
                 f"{expected[:12]}: this may not be the split the model was trained on")
         if man.classes and list(man.classes) != classes:

@@ -280,3 +280,23 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(export_cli.main, [str(bad), "--out", str(tmp_path / "x.onnx")])
     assert res.exit_code == export_cli.EXIT_INPUT
     assert "cxr-checkpoint/1" in res.output
+
+
+def test_manifest_check_knows_the_split_a_checkpoint_was_tested_on(run, tmp_path):
+    """Trained on a packed copy, tested on the originals: the originals' manifest is expected, others warned about."""
+    ckpt_path, _ = run
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    real_sha = hashlib.sha256((ckpt_path.parent / "split.json").read_bytes()).hexdigest()
+    ck["training_data"] = {**ck["training_data"], "manifest_sha256": "0" * 64}  # trained on another manifest
+    outputs = {}
+    for case, tested_sha in (("tested", real_sha), ("unknown", "1" * 64)):
+        ck["test_metrics"] = {**ck["test_metrics"], "manifest_sha256": tested_sha}
+        path = tmp_path / f"{case}.pt"
+        torch.save(ck, path)
+        res = CliRunner().invoke(export_cli.main, [str(path), "--out", str(tmp_path / f"{case}.onnx"),
+                                                   "--manifest", str(ckpt_path.parent / "split.json"),
+                                                   "--no-bench", "--no-card"])
+        assert res.exit_code == 0, res.output
+        outputs[case] = res.output
+    assert "WARNING" not in outputs["tested"] and "the checkpoint was tested on" in outputs["tested"]
+    assert "WARNING" in outputs["unknown"] and "may not be the split" in outputs["unknown"]
