@@ -181,15 +181,18 @@ def iter_scan(
             else:
                 pending.append((entry, pool.submit(prepare, entry.path, pp)))
 
+    # The first batch holds one image, so the first result comes as soon as one image is decoded
+    # (not after a whole batch is decoded and inferred); every later batch is full.
+    target = 1
     try:
         while True:
             fill()
             if not pending:
                 break
-            # A chunk: consecutive entries until batch_size of them are ready for the model.
+            # A chunk: consecutive entries until ``target`` of them are ready for the model.
             chunk: list[tuple[str, np.ndarray | None, str | None]] = []
             tensors: list[np.ndarray] = []
-            while pending and len(tensors) < batch_size:
+            while pending and len(tensors) < target:
                 entry, fut = pending.popleft()
                 if fut is None:
                     chunk.append((entry.path, None, entry.error))
@@ -204,6 +207,7 @@ def iter_scan(
             probs: np.ndarray | None = None
             infer_error = None
             if tensors:
+                target = batch_size
                 batch = np.stack(tensors)
                 t0 = time.perf_counter()
                 try:

@@ -194,3 +194,18 @@ def test_session_threads_do_not_spin_against_the_decoders():
     so = _session_options(2)
     assert so.intra_op_num_threads == 2
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_first_batch_is_one_image_then_full_batches(tiny_model_path, mixed_folder):
+    """The first result should not wait for a whole batch to be decoded and inferred."""
+    root, good, _, _ = mixed_folder
+    files = [root / "good" / rel for rel in sorted(good)]
+    assert len(files) >= 6
+    model = Classifier.load(tiny_model_path).model
+    sizes: list[int] = []
+    real_run = model.run
+    model.run = lambda batch: (sizes.append(len(batch)), real_run(batch))[1]
+    results, _ = scan_files(model, files, batch_size=4)
+    assert all(r.ok for r in results) and len(results) == len(files)
+    n = len(files) - 1
+    assert sizes == [1] + [4] * (n // 4) + ([n % 4] if n % 4 else [])
