@@ -354,3 +354,10 @@ def test_test_only_needs_a_checkpoint_and_matching_classes(tiny_dataset, tmp_pat
     (tmp_path / "other.json").write_text(json.dumps(other))
     res = CliRunner().invoke(train_main, ["--out", str(run), "--test-only", "--split", str(tmp_path / "other.json")])
     assert res.exit_code != 0 and "has classes" in str(res.exception or res.output)
+
+
+def test_split_seed_keeps_the_test_set_while_the_training_seed_varies(tiny_dataset, tmp_path):
+    _train(tiny_dataset, tmp_path / "run", "--seed", "1", "--split-seed", "3", "--no-shift-eval", epochs=1)
+    written = load_manifest(tmp_path / "run" / "split.json")
+    assert written["items"] == make_split(tiny_dataset, seed=3)["items"]
+    assert written["items"] != make_split(tiny_dataset, seed=1)["items"]

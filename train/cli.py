@@ -32,6 +32,7 @@ from .models import ARCHS
 @click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy (default weighs classes by inverse training frequency).")
 @click.option("--patience", type=int, default=8, help="Early stop after this many epochs without val macro-F1 gain (0: off).")
 @click.option("--seed", type=int, default=0)
+@click.option("--split-seed", type=int, help="Seed of the split --data makes (default: --seed); fix it to vary --seed over one test set.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False), help="Reuse a split.json so experiments share one test set.")
 @click.option("--split-fractions", type=(float, float, float), default=(0.70, 0.15, 0.15), help="train val test")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local torchvision state dict (ImageNet); the RGB stem is folded to 1 channel.")
@@ -76,6 +77,7 @@ def main(**kw) -> None:
             epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
             warmup_epochs=kw["warmup_epochs"], label_smoothing=kw["label_smoothing"],
             class_weights=not kw["no_class_weights"], patience=kw["patience"], seed=kw["seed"],
+            split_seed=kw["split_seed"],
             split=kw["split_file"], split_fractions=tuple(kw["split_fractions"]), weights=kw["weights"],
             device=kw["device"], threads=kw["threads"], workers=kw["workers"], cache_dir=kw["cache_dir"],
             augment=not kw["no_augment"], robust_augment=not kw["no_robust_augment"],

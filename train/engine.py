@@ -57,6 +57,7 @@ class TrainConfig:
     class_weights: bool = True
     patience: int = 8
     seed: int = 0
+    split_seed: int | None = None  # None: --seed; set it to vary training seeds over one split
     split: str | None = None
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     weights: str | None = None
@@ -130,7 +131,8 @@ def _prepare_split(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     else:
         if not cfg.data:
             raise SystemExit("error: --data is required (or --split FILE)")
-        manifest = make_split(Path(cfg.data), tuple(cfg.split_fractions), cfg.seed)
+        manifest = make_split(Path(cfg.data), tuple(cfg.split_fractions),
+                              cfg.seed if cfg.split_seed is None else cfg.split_seed)
     if info.main:
         save_manifest(manifest, manifest_path)
     return manifest
