@@ -162,10 +162,18 @@ class TreeSampler(threading.Thread):
 
 
 def run_child(cmd: list[str], env: dict, stderr_path: Path, first_marker) -> dict:
-    """Run ``cmd``; time from just before the spawn to the first result line and to exit; peak RSS
-    from wait4 (this child alone); stdout lines returned for parsing."""
+    """Run ``cmd``; time from just before the spawn to the first result line and to exit; stdout
+    lines returned for parsing.
+
+    Peak RSS is the child's own VmHWM, which it writes to ``$CXR_HWM_FILE`` as it exits. wait4's
+    ru_maxrss is only the fallback: Linux carries the high-water mark of the address space a
+    child had before exec into it, and that was a copy of this (parent) process, so ru_maxrss
+    never reads below the parent's RSS at the time of the spawn.
+    """
     t0 = _now()
-    env = {**env, "CXR_T0": repr(t0)}
+    hwm_file = stderr_path.with_suffix(".hwm")
+    hwm_file.unlink(missing_ok=True)
+    env = {**env, "CXR_T0": repr(t0), "CXR_HWM_FILE": str(hwm_file)}
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, bufsize=1)
         sampler = TreeSampler(proc.pid)
@@ -181,13 +189,31 @@ def run_child(cmd: list[str], env: dict, stderr_path: Path, first_marker) -> dic
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop.set()
         sampler.join()
+    try:
+        peak, source = int(hwm_file.read_text()) / 1024, "VmHWM"
+    except (OSError, ValueError):
+        peak, source = usage.ru_maxrss / 1024, "ru_maxrss (includes the parent's RSS at spawn)"
     return {"cmd": cmd, "rc": proc.returncode, "wall_s": wall, "first_result_s": first,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "tree_peak_pss_mb": sampler.peak_mb or None, "lines": lines}
+            "peak_rss_mb": peak, "peak_rss_source": source, "tree_peak_pss_mb": sampler.peak_mb or None,
+            "lines": lines}
+
+
+def write_hwm() -> None:
+    """At exit: this process's VmHWM (kB) to $CXR_HWM_FILE, for ``run_child``."""
+    path = os.environ.get("CXR_HWM_FILE")
+    hwm = _vm_hwm_mb()
+    if path and hwm is not None:
+        Path(path).write_text(str(int(hwm * 1024)))
+
+
+# ``cxr-infer`` exactly as its console script runs it, plus the exit hook above
+CXR_INFER = ("import atexit, sys; sys.path.insert(0, {here!r}); import speed_compare; "
+             "atexit.register(speed_compare.write_hwm); sys.argv[0] = 'cxr-infer'; "
+             "from cxr.runtime.cli import main; main()")
 
 
 def cxr_infer_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("cxr-infer")
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from cxr.runtime.cli import main; main()"]
+    return [sys.executable, "-c", CXR_INFER.format(here=str(HERE))]
 
 
 def run_cxr_infer(model: str, root: str, threads: int | None, work: Path, tag: str) -> dict:
@@ -411,6 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child == "torch":
+        import atexit
+        atexit.register(write_hwm)
         return child_torch(args)
     missing = [o for o in ("checkpoint", "fp32", "int8") if not getattr(args, o)]
     if missing:
