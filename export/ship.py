@@ -7,7 +7,7 @@ accurate enough but slower (s8s8 kernels on a CPU without VNNI, for example) sti
 ``--precision int8``, but would make every default scan slower for no gain in accuracy.
 The reason is recorded in ``manifest.json``.
 
-    python -m cxr.export.ship exports/cxr-mnv3s-160.onnx --to models/
+    python -m cxr.export.ship exports/cxr-mnv2-224.onnx --to models/
 """
 
 from __future__ import annotations
