@@ -385,7 +385,9 @@ def markdown(res: dict) -> str:
             "peak PSS, all processes (MB) | total wall (s) | agreement with study | accuracy |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for v in res["variants"]:
-        ratio = (v["images_per_s"] / study["images_per_s"]) if v["images_per_s"] and study["images_per_s"] else None
+        ratio = v.get("ratio_vs_study")
+        if ratio is None and v["images_per_s"] and study["images_per_s"]:
+            ratio = v["images_per_s"] / study["images_per_s"]
         alone = v.get("model_alone_images_per_s")
         alone_txt = "-" if alone is None else f"{alone:.0f} ({alone / study['images_per_s']:.1f}x study)"
         rows.append(f"| {v['name']} | {_f(v['images_per_s'])} | {_f(ratio, '.1f')}x | {alone_txt} | "
@@ -401,6 +403,15 @@ def markdown(res: dict) -> str:
         *rows,
         "",
     ]
+    n_rounds = len(study.get("rounds") or [])
+    if n_rounds > 1:
+        fp32, int8 = res["variants"][1], res["variants"][2]
+        per = [f"{a['images_per_s'] / b['images_per_s']:.2f}x" for a, b in zip(int8["rounds"], fp32["rounds"])
+               if a.get("images_per_s") and b.get("images_per_s")]
+        lines += [f"Medians of {n_rounds} rounds (study, fp32, int8 back to back in each); \"vs study\" is the median "
+                  f"of per-round ratios. int8 vs study per round: "
+                  + ", ".join(f"{x:.1f}x" for x in int8["ratio_vs_study_runs"] if x is not None)
+                  + f"; int8 vs fp32 per round: {', '.join(per)}.", ""]
     if res.get("flatness"):
         fl = res["flatness"]
         lines.append(f"Peak RSS of cxr-infer int8 as the folder grows: {fl['small_images']} images "
@@ -418,6 +429,34 @@ def markdown(res: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per variant from ``rounds`` of (study, fp32, int8) runs made back to back.
+
+    Speeds and times are medians over the rounds; each ratio is the median of the per-round
+    ratios, so a pipeline is compared with the study run minutes from it, not with a study run
+    from a quieter or busier moment of a shared machine. Peak memory is the largest seen.
+    """
+    def med(xs):
+        xs = sorted(x for x in xs if x is not None)
+        return None if not xs else (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
+
+    merged = []
+    for i in range(len(rounds[0])):
+        runs = [r[i] for r in rounds]
+        v = dict(runs[0])
+        for key in ("images_per_s", "first_result_s", "wall_s"):
+            v[key] = med([r.get(key) for r in runs])
+        for key in ("peak_rss_mb", "tree_peak_pss_mb"):
+            vals = [r.get(key) for r in runs if r.get(key) is not None]
+            v[key] = max(vals) if vals else None
+        v["ratio_vs_study_runs"] = [r[i]["images_per_s"] / r[0]["images_per_s"]
+                                    if r[i].get("images_per_s") and r[0].get("images_per_s") else None for r in rounds]
+        v["ratio_vs_study"] = med(v["ratio_vs_study_runs"])
+        v["rounds"] = [{k: r.get(k) for k in ("images_per_s", "first_result_s", "peak_rss_mb", "wall_s")} for r in runs]
+        merged.append(v)
+    return merged
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DATA, help="Folder of X-rays (default: $CXR_DATA or %(default)s).")
@@ -426,6 +465,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--int8", help="int8 .onnx exported from --checkpoint.")
     ap.add_argument("--limit", type=int, default=None, help="At most N images (spread over the classes).")
     ap.add_argument("--threads", type=int, default=None, help="Intra-op threads for torch and onnxruntime alike.")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="Run the three pipelines this many times, interleaved; report medians (shared machines are noisy).")
     ap.add_argument("--no-flat", action="store_true", help="Skip the RSS-flatness run (int8 on a quarter of the images).")
     ap.add_argument("--json", dest="json_out", help="Write all measurements to this file.")
     ap.add_argument("--child", choices=["torch"], help=argparse.SUPPRESS)
@@ -440,6 +481,9 @@ def main(argv=None) -> int:
         import atexit
         atexit.register(write_hwm)
         return child_torch(args)
+    if args.repeat < 1:
+        print("error: --repeat must be at least 1", file=sys.stderr)
+        return 2
     missing = [o for o in ("checkpoint", "fp32", "int8") if not getattr(args, o)]
     if missing:
         print("error: need " + ", ".join(f"--{o}" for o in missing), file=sys.stderr)
@@ -467,16 +511,21 @@ def main(argv=None) -> int:
         print(f"{len(files)} images from {args.data}; warming the file cache", file=sys.stderr)
         warm_file_cache([p for p, _ in files])
 
-        variants = []
-        print("(a) study: PyTorch eager fp32 + torchvision + DataLoader ...", file=sys.stderr)
-        study = run_study(args.checkpoint, root, args.threads, work)
-        study["name"] = "study: PyTorch eager fp32, DataLoader b32"
-        variants.append(study)
-        for tag, model, name in (("fp32", args.fp32, "cxr-infer fp32 (ONNX)"), ("int8", args.int8, "cxr-infer int8 (ONNX)")):
-            print(f"({'b' if tag == 'fp32' else 'c'}) {name} ...", file=sys.stderr)
-            r = run_cxr_infer(model, root, args.threads, work, tag)
-            r["name"] = name
-            variants.append(r)
+        rounds: list[list[dict]] = []
+        for k in range(args.repeat):
+            tag_round = f" (round {k + 1}/{args.repeat})" if args.repeat > 1 else ""
+            print(f"(a) study: PyTorch eager fp32 + torchvision + DataLoader{tag_round} ...", file=sys.stderr)
+            study = run_study(args.checkpoint, root, args.threads, work)
+            study["name"] = "study: PyTorch eager fp32, DataLoader b32"
+            this = [study]
+            for tag, model, name in (("fp32", args.fp32, "cxr-infer fp32 (ONNX)"), ("int8", args.int8, "cxr-infer int8 (ONNX)")):
+                print(f"({'b' if tag == 'fp32' else 'c'}) {name}{tag_round} ...", file=sys.stderr)
+                r = run_cxr_infer(model, root, args.threads, work, tag)
+                r["name"] = name
+                this.append(r)
+            rounds.append(this)
+        variants = merge_rounds(rounds)
+        study = variants[0]
         for v in variants:
             v["agreement_with_study"] = agreement(study["preds"], v["preds"])
             v["accuracy"] = accuracy(v["preds"], labels)
