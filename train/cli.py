@@ -92,19 +92,17 @@ def main(**kw) -> None:
 def _test_only(out: Path, kw: dict) -> None:
     import torch
 
-    from .engine import finish
+    from .engine import finish, pick_device
 
     if not (out / "best.pt").is_file():
         raise click.UsageError(f"--test-only: no best.pt in {out}")
     manifest = Path(kw["split_file"]) if kw["split_file"] else out / "split.json"
     if not manifest.is_file():
         raise click.UsageError(f"--test-only: no split manifest {manifest} (give --split FILE)")
-    want_cuda = kw["device"] == "cuda" or (kw["device"] == "auto" and torch.cuda.is_available())
-    if kw["device"] == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda but torch sees no CUDA device")
+    device = pick_device(kw["device"])
     if kw["threads"]:
         torch.set_num_threads(kw["threads"])
-    report = finish(out, torch.device("cuda" if want_cuda else "cpu"), shift=not kw["no_shift_eval"],
+    report = finish(out, device, shift=not kw["no_shift_eval"],
                     workers=kw["workers"], cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
                     manifest_path=manifest, data_root=Path(kw["data"]) if kw["data"] else None)
     print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1")}), file=sys.stdout)

@@ -83,13 +83,14 @@ def _log(msg: str, info: D.DistInfo) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _device(name: str, info: D.DistInfo) -> torch.device:
+def pick_device(name: str, info: D.DistInfo | None = None) -> torch.device:
+    """--device auto|cpu|cuda -> the torch device (this rank's GPU under torchrun)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but torch sees no CUDA device")
-        return torch.device("cuda", info.local_rank)
+        return torch.device("cuda", info.local_rank if info else 0)
     return torch.device("cpu")
 
 
@@ -140,8 +141,7 @@ def _prepare_split(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict:
 
 def run(cfg: TrainConfig) -> dict:
     """Train, validate each epoch, test once; returns the test report (rank 0) or {}."""
-    device_type = "cuda" if (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())) else "cpu"
-    info = D.setup(device_type)
+    info = D.setup(pick_device(cfg.device).type)
     try:
         return _run(cfg, info)
     finally:
@@ -149,7 +149,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
-    device = _device(cfg.device, info)
+    device = pick_device(cfg.device, info)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif info.enabled and device.type == "cpu":
