@@ -188,7 +188,7 @@ def test_lr_schedule_warms_up_then_decays():
 def test_training_normalisation_is_the_runtime_normalisation():
     pp = Preprocessing(size=32, mean=0.4, std=0.3)
     u8 = resize_to_uint8(np.random.default_rng(1).integers(0, 256, (50, 70), dtype=np.uint8), pp)
-    ours = normalize_tensor(to_unit(torch.from_numpy(u8[None])), pp).numpy()
+    ours = normalize_tensor(to_unit(torch.from_numpy(u8[None].copy())), pp).numpy()
     np.testing.assert_allclose(ours[0], normalize(u8, pp), atol=1e-6)
 
 
