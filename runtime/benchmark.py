@@ -253,7 +253,7 @@ def bench_model(
     paths = [os.fspath(it.path) for it in items]
     folder_classes = list(dict.fromkeys(it.label for it in items))
     mapping, notes = map_labels(folder_classes, classes)
-    workers = workers or default_workers()
+    workers = workers or default_workers(model.runs_on)
     scan_batch = min(batch_size, model.max_batch or batch_size)
 
     log(f"  pure inference: batch 1 x {runs}, batch {scan_batch}")
@@ -328,7 +328,7 @@ def bench_model(
     wall = stats.wall_s
     scan_ips = stats.ok / wall if wall > 0 else None
     infer_ips = limit["images_per_s"] if limit else None
-    shared = model.device == "cpu"  # on CUDA inference has its own cores
+    shared = model.runs_on == "cpu"  # on CUDA inference has its own cores
     limit_ips = pipeline_limit(decode, limit, shared)
     attempted = max(stats.files, 1)
     row: dict[str, Any] = {
@@ -429,7 +429,7 @@ def run_bench(
     for p in paths:
         if not p.is_file():
             raise BenchError(f"model file not found: {p}")
-    workers = workers or default_workers()
+    workers = workers or default_workers(device)
     counts = Counter(it.label for it in items)
     log(f"bench: {len(items)} of {total} images in {data_dir} "
         f"({', '.join(f'{c} {counts[c]}' for c in folder_classes)}), {len(paths)} model(s)")

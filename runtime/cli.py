@@ -75,7 +75,7 @@ precision_option = click.option(
 @click.option("--threads", type=click.IntRange(min=0), default=None,
               help="onnxruntime intra-op threads (default/0: one per physical core).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Decode+preprocess threads (default: min(4, CPUs)).")
+              help="Decode+preprocess threads (default: 2 on CPU, min(4, CPUs) on CUDA).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format. Default: from --output's suffix (.csv/.jsonl/.json), "
                    "else table on a terminal and csv otherwise.")
@@ -99,7 +99,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     for note in model.notes:
         click.echo(note, err=True)
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
-    workers = workers or default_workers()
+    workers = workers or default_workers(model.runs_on)
     if output:
         try:
             stream = open(output, "w", encoding="utf-8", errors="backslashreplace", newline="")
@@ -175,7 +175,7 @@ def info(ctx, model_path, precision, as_json):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write everything as JSON.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Scan batch size.")
 @click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode threads (default: min(4, CPUs)).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Decode threads (default: 2 on CPU, min(4, CPUs) on CUDA).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images, spread over the classes.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed batch-1 inferences.")

@@ -82,6 +82,12 @@ class Model:
     def classes(self) -> list[str]:
         return self.info.classes
 
+    @property
+    def runs_on(self) -> str:
+        """Where inference actually runs: "cuda" when the CUDA provider is active, else "cpu"
+        (``device`` is what was asked for, which may be "auto")."""
+        return "cuda" if CUDA_EP in self.providers else "cpu"
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, C, S, S] -> probabilities [N, K]."""
         out = self.session.run([self.output_name], {self.input_name: batch})[0]

@@ -209,3 +209,17 @@ def test_first_batch_is_one_image_then_full_batches(tiny_model_path, mixed_folde
     assert all(r.ok for r in results) and len(results) == len(files)
     n = len(files) - 1
     assert sizes == [1] + [4] * (n // 4) + ([n % 4] if n % 4 else [])
+
+
+def test_decode_workers_default_by_where_inference_runs(monkeypatch, tiny_model_path):
+    """CPU: two decoders (more preempt onnxruntime's threads); CUDA: up to four; never more than CPUs."""
+    import cxr.runtime.engine as engine
+
+    for cpus, cpu_want, cuda_want in ((1, 1, 1), (2, 2, 2), (16, 2, 4)):
+        monkeypatch.setattr(engine.os, "cpu_count", lambda n=cpus: n)
+        assert engine.default_workers("cpu") == cpu_want
+        assert engine.default_workers("cuda") == cuda_want
+    model = Classifier.load(tiny_model_path).model
+    assert model.runs_on == "cpu"
+    model.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as a CUDA session reports it
+    assert model.runs_on == "cuda"
