@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .discover import iter_inputs
-from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, iter_scan, to_prediction
+from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, default_threads, iter_scan, to_prediction
 from .imageio import load_image, to_gray8
 from .preprocess import Preprocessing, preprocess
 from .session import Model, load_model
@@ -50,6 +50,8 @@ class Classifier:
 
         >>> clf = Classifier.load("model.onnx", threads=2)  # doctest: +SKIP
         """
+        if threads is None:
+            threads = default_threads(device, workers)
         return cls(load_model(path, device=device, threads=threads, precision=precision), batch_size, workers)
 
     @property

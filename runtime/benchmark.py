@@ -34,7 +34,7 @@ import numpy as np
 
 from .cpu import cpu_info
 from .dataset import LabelledImage, discover_labelled, read_split_manifest
-from .engine import DEFAULT_BATCH_SIZE, default_workers, prepare, scan_files
+from .engine import DEFAULT_BATCH_SIZE, default_threads, default_workers, prepare, scan_files
 from .latency import percentiles_ms
 from .metrics import classification_report
 from .session import Model, ModelLoadError, load_model
@@ -429,6 +429,8 @@ def run_bench(
     for p in paths:
         if not p.is_file():
             raise BenchError(f"model file not found: {p}")
+    if threads is None:
+        threads = default_threads(device, workers)
     workers = workers or default_workers(device)
     counts = Counter(it.label for it in items)
     log(f"bench: {len(items)} of {total} images in {data_dir} "

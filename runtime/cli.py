@@ -73,7 +73,7 @@ precision_option = click.option(
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Images per inference call.")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
-              help="onnxruntime intra-op threads (default/0: one per physical core).")
+              help="onnxruntime intra-op threads (default: one per physical core; from 8 cores up, the cores the decode workers leave; 0: onnxruntime's choice).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decode+preprocess threads (default: 2 on CPU, min(4, CPUs) on CUDA).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -90,9 +90,12 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     One record per file: a prediction, or an error with its reason. A summary and the latency
     report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error.
     """
+    from .engine import ScanStats, default_threads, default_workers, iter_scan
+
+    if threads is None:
+        threads = default_threads(device, workers)
     model = _load(ctx, model_path, device, threads, precision)
     from .discover import iter_inputs
-    from .engine import ScanStats, default_workers, iter_scan
     from .latency import build_report, format_report, write_report
     from .output import Progress, format_for_output, format_summary, make_writer
 

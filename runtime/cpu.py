@@ -37,3 +37,22 @@ def cpu_info() -> dict:
         "avx512": "avx512f" in flags,
         "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
     }
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: distinct (package, core) pairs of /proc/cpuinfo,
+    capped by the CPU affinity mask; the logical CPU count where neither is known."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    pairs, package = set(), None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    package = val.strip()
+                elif key == "core id":
+                    pairs.add((package, val.strip()))
+    except OSError:
+        pass
+    return max(1, min(len(pairs), logical) if pairs else logical)

@@ -42,6 +42,22 @@ def default_workers(device: str = "cpu") -> int:
     return max(1, min(4 if device == "cuda" else 2, os.cpu_count() or 1))
 
 
+def default_threads(device: str, workers: int | None = None) -> int | None:
+    """onnxruntime intra-op threads for a scan when none are given.
+
+    None (onnxruntime's own default, one per physical core) except on a CPU of 8 or more
+    physical cores, where the decoders get cores of their own: physical cores - decode workers.
+    On a 16-core Xeon that scanned 9 % faster (medians of 3: int8 1,145 -> 1,249 img/s, fp32
+    888 -> 966); on 2 cores sharing them is faster, as one thread alone halves the model's speed.
+    """
+    if device == "cuda":
+        return None
+    from .cpu import physical_cores
+
+    cores = physical_cores()
+    return cores - (workers or default_workers("cpu")) if cores >= 8 else None
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What the model says about one image: the top class and every class's probability."""

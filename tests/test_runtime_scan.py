@@ -223,3 +223,26 @@ def test_decode_workers_default_by_where_inference_runs(monkeypatch, tiny_model_
     assert model.runs_on == "cpu"
     model.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # as a CUDA session reports it
     assert model.runs_on == "cuda"
+
+
+def test_intra_op_threads_leave_the_decoders_their_cores_only_on_big_cpus(monkeypatch):
+    import cxr.runtime.cpu as cpu
+    import cxr.runtime.engine as engine
+
+    assert 1 <= cpu.physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 16)
+    for cores, workers, want in ((2, None, None), (4, None, None), (8, None, 6), (16, None, 14), (16, 4, 12)):
+        monkeypatch.setattr(cpu, "physical_cores", lambda n=cores: n)
+        assert engine.default_threads("cpu", workers) == want
+        assert engine.default_threads("auto", workers) == want
+        assert engine.default_threads("cuda", workers) is None  # GPU inference leaves the cores alone
+
+
+def test_classifier_load_applies_the_default_threads(monkeypatch, tiny_model_path):
+    import cxr.runtime.cpu as cpu
+
+    monkeypatch.setattr(cpu, "physical_cores", lambda: 16)
+    assert Classifier.load(tiny_model_path, workers=2).model.threads == 14
+    assert Classifier.load(tiny_model_path, threads=3).model.threads == 3  # an explicit choice wins
+    monkeypatch.setattr(cpu, "physical_cores", lambda: 2)
+    assert Classifier.load(tiny_model_path).model.threads is None
