@@ -206,14 +206,25 @@ def write_hwm() -> None:
         Path(path).write_text(str(int(hwm * 1024)))
 
 
-# ``cxr-infer`` exactly as its console script runs it, plus the exit hook above
-CXR_INFER = ("import atexit, sys; sys.path.insert(0, {here!r}); import speed_compare; "
-             "atexit.register(speed_compare.write_hwm); sys.argv[0] = 'cxr-infer'; "
-             "from cxr.runtime.cli import main; main()")
+# ``cxr-infer`` exactly as its console script runs it, plus an exit hook like ``write_hwm``
+# (self-contained, so the child imports nothing from this script)
+CXR_INFER = """\
+import atexit, os, sys
+def _hwm():
+    path = os.environ.get("CXR_HWM_FILE")
+    if path:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                open(path, "w").write(line.split()[1])
+atexit.register(_hwm)
+sys.argv[0] = "cxr-infer"
+from cxr.runtime.cli import main
+main()
+"""
 
 
 def cxr_infer_cmd() -> list[str]:
-    return [sys.executable, "-c", CXR_INFER.format(here=str(HERE))]
+    return [sys.executable, "-c", CXR_INFER]
 
 
 def run_cxr_infer(model: str, root: str, threads: int | None, work: Path, tag: str) -> dict:
