@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -448,8 +449,8 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
     from a quieter or busier moment of a shared machine. Peak memory is the largest seen.
     """
     def med(xs):
-        xs = sorted(x for x in xs if x is not None)
-        return None if not xs else (xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2)
+        xs = [x for x in xs if x is not None]
+        return statistics.median(xs) if xs else None
 
     merged = []
     for i in range(len(rounds[0])):
