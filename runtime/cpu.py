@@ -10,21 +10,26 @@ import os
 import platform
 
 
-def cpu_info() -> dict:
-    """Model name, core count, load, and the instruction sets that matter for int8 (Linux
-    /proc/cpuinfo; elsewhere whatever the platform reports)."""
-    model, flags = platform.processor() or platform.machine(), set()
+def _cpuinfo_fields():
+    """(key, value) pairs of /proc/cpuinfo, stripped, in file order; none where it is absent."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
                 key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model in ("", platform.processor(), platform.machine()):
-                    model = val.strip()
-                elif key == "flags" and not flags:
-                    flags = set(val.split())
+                yield key.strip(), val.strip()
     except OSError:
-        pass
+        return
+
+
+def cpu_info() -> dict:
+    """Model name, core count, load, and the instruction sets that matter for int8 (Linux
+    /proc/cpuinfo; elsewhere whatever the platform reports)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    for key, val in _cpuinfo_fields():
+        if key == "model name" and model in ("", platform.processor(), platform.machine()):
+            model = val
+        elif key == "flags" and not flags:
+            flags = set(val.split())
     try:
         load = round(os.getloadavg()[0], 2)
     except OSError:
@@ -44,15 +49,9 @@ def physical_cores() -> int:
     capped by the CPU affinity mask; the logical CPU count where neither is known."""
     logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     pairs, package = set(), None
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    package = val.strip()
-                elif key == "core id":
-                    pairs.add((package, val.strip()))
-    except OSError:
-        pass
+    for key, val in _cpuinfo_fields():
+        if key == "physical id":
+            package = val
+        elif key == "core id":
+            pairs.add((package, val))
     return max(1, min(len(pairs), logical) if pairs else logical)
