@@ -41,7 +41,8 @@ def _pct(x) -> str:
 
 
 def _is_covid_radiography(classes: list[str], training: dict) -> bool:
-    name = f"{training.get('name', '')} {training.get('root', '')}".lower()
+    srcs = " ".join(f"{s.get('name', '')} {s.get('root', '')}" for s in training.get("sources") or [])
+    name = f"{training.get('name', '')} {training.get('root', '')} {srcs}".lower()
     return ("covid" in name and "radiography" in name) or (
         set(classes) <= set(DATABASE_CLASSES) and "COVID" in classes)
 
@@ -53,6 +54,26 @@ def _metrics_rows(classes: list[str], rows: list[tuple[str, dict]]) -> list[str]
         sens = m.get("sensitivity") or {c: (v or {}).get("sensitivity") for c, v in (m.get("per_class") or {}).items()}
         out.append("| " + " | ".join([label, str(m.get("n", "-")), _pct(m.get("accuracy")), _pct(m.get("macro_f1"))]
                                      + [_pct(sens.get(c)) for c in classes]) + " |")
+    return out
+
+
+def _by_source_rows(classes: list[str], label: str, by: dict) -> list[str]:
+    """One row per source: n, accuracy and each class's sensitivity within it ('-': absent there)."""
+    out = []
+    for src, r in by.items():
+        cells = [f"{label}: {src}" if label else src, str(r.get("n", "-")), _pct(r.get("accuracy"))]
+        for c in classes:
+            v = (r.get("per_class") or {}).get(c)
+            cells.append(f"{_pct(v['sensitivity'])} (n={v['n']})" if v else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _by_source_table(classes: list[str], rows: list[tuple[str, dict]]) -> list[str]:
+    head = ["source", "n", "accuracy %"] + [f"sensitivity {c} %" for c in classes]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by in rows:
+        out += _by_source_rows(classes, label, by)
     return out
 
 
@@ -103,7 +124,25 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
 
     L += ["", "## Training data", ""]
     if training:
-        L.append(f"- dataset: {training.get('name', '-')} (`{training.get('root', '-')}`)")
+        sources = training.get("sources") or []
+        where = ", ".join(f"`{s.get('name')}`" for s in sources) if sources else f"`{training.get('root', '-')}`"
+        L.append(f"- dataset: {training.get('name', '-')} (sources: {where})")
+        scc = training.get("source_class_counts") or {}
+        if scc:
+            L.append("- images per (source, class), train/val/test:")
+            for src, per in scc.items():
+                cells = []
+                for c in classes:
+                    n = [per.get(sp, {}).get(c, 0) for sp in ("train", "val", "test")]
+                    if any(n):
+                        cells.append(f"{c} {n[0]}/{n[1]}/{n[2]}")
+                L.append(f"  - {src}: " + (", ".join(cells) or "none"))
+        missing = training.get("missing_combinations")
+        if missing:
+            L.append("- **never seen in training** (class, source): "
+                     + "; ".join(f"{m['class']} from {m['source']}" for m in missing)
+                     + ". The model has no evidence for these combinations: for example, a class that only "
+                       "one source contributes may be recognised partly by that source's look.")
         if training.get("class_counts"):
             L.append("- images per class: " + ", ".join(f"{k} {v}" for k, v in training["class_counts"].items()))
         if training.get("split_sizes"):
@@ -122,6 +161,9 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
         L.append("")
         if isinstance(tm, dict) and "accuracy" in tm:
             L += _metrics_rows(classes, [("PyTorch (training)", tm)])
+            if tm.get("by_source"):
+                L += ["", "By source (an accuracy pooled over sources can hide one the model fails on):", ""]
+                L += _by_source_table(classes, [("", tm["by_source"])])
         else:
             L += ["```", json.dumps(tm, indent=1, default=str)[:3000], "```"]
         L.append("")
@@ -135,6 +177,11 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
         if any(r.get("accuracy") is not None for _, r in rows):
             L += _metrics_rows(classes, rows)
             L.append("")
+            by_rows = [(label, r["by_source"]) for label, r in rows if r.get("by_source")]
+            if by_rows:
+                L += ["By source, same images:", ""]
+                L += _by_source_table(classes, by_rows)
+                L.append("")
         L += ["| | size MB | latency p50 batch 1 ms | throughput batch 32 img/s |", "|---|---|---|---|"]
         for label, r in rows:
             size = r.get("size_bytes")

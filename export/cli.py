@@ -131,8 +131,9 @@ def _pct(x) -> str:
 @click.option("--int8", "do_int8", is_flag=True, help="Also write a statically quantized int8 model.")
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Split manifest [default: split.json beside the checkpoint].")
-@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Resolve manifest items against this folder instead of the manifest's root.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), multiple=True,
+              help="Resolve manifest items against this folder instead of their source's recorded root "
+                   "(repeat: one per source, named like it or in the manifest's order).")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Parity/eval images instead of the manifest's test split: class folders or any image folder.")
 @click.option("--parity-limit", default=256, type=click.IntRange(min=0),
@@ -184,7 +185,7 @@ def main(ctx: click.Context, **opts) -> None:
 
 
 def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, manifest: Path | None,
-               data_root: Path | None, images: Path | None, parity_limit: int, parity_atol: float,
+               data_root: tuple[Path, ...], images: Path | None, parity_limit: int, parity_atol: float,
                parity_min_agreement: float, exporter: str, opset: int | None, int8_scheme: str,
                calib_count: int, val_limit: int, int8_max_drop: float, int8_min_agreement: float,
                keep_float: tuple[str, ...], keep_float_node: tuple[str, ...], bench: bool, bench_runs: int,
@@ -213,7 +214,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     man = None
     man_path = manifest or find_manifest(checkpoint, ckpt)
     if man_path is not None:
-        man = read_manifest(man_path, data_root)
+        man = read_manifest(man_path, list(data_root) or None)
         expected = (ckpt.get("training_data") or {}).get("manifest_sha256")
         tested_on = (ckpt.get("test_metrics") or {}).get("manifest_sha256")
         if tested_on == man.sha256 and expected != man.sha256:
@@ -239,12 +240,12 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         if not items:
             raise ExportInputError(f"{man.path} has no test items; pass --images")
     if labelled:
-        items = stratified_subset(items, parity_limit, seed)
+        items = stratified_subset(items, parity_limit, seed, key=man.group if images is None else None)
     elif parity_limit and len(items) > parity_limit:
         idx = np.sort(np.random.default_rng(seed).choice(len(items), parity_limit, replace=False))
         items = [items[i] for i in idx]
     log(f"loading {len(items)} eval images ({source})")
-    ev = load_images(source, items, classes, pp)
+    ev = load_images(source, items, classes, pp, None if images is not None else man.source_of)
 
     # ---------------------------------------------------------------- fp32 export + parity
     partial = Path(str(out) + ".partial")
@@ -285,7 +286,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         log("fp32 parity passed: " + par.describe())
 
         for key, probs, run in (("pytorch", p_torch, torch_run), ("onnx_fp32", p_onnx, onnx_run)):
-            entry = {"metrics": classification_metrics(ev.y, probs.argmax(1), classes) if ev.labelled else None,
+            entry = {"metrics": classification_metrics(ev.y, probs.argmax(1), classes, ev.sources) if ev.labelled else None,
                      "agreement_vs_pytorch": round(agreement(p_torch, probs), 6)}
             if bench:
                 log(f"timing {key}")
@@ -351,14 +352,14 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
     train_items, val_items = man.split("train"), man.split("val")
     if not train_items or not val_items:
         raise ExportInputError(f"{man.path} needs train and val items for int8 (has {man.sizes()})")
-    calib_items = stratified_subset(train_items, calib_count, seed, balanced=True)
-    val_items = stratified_subset(val_items, val_limit, seed)
+    calib_items = stratified_subset(train_items, calib_count, seed, balanced=True, key=man.group)
+    val_items = stratified_subset(val_items, val_limit, seed, key=man.group)
     log(f"int8: loading {len(calib_items)} calibration images (train split) and {len(val_items)} validation images")
-    calib = load_images("calibration (train split)", calib_items, classes, pp)
-    val = load_images("validation split", val_items, classes, pp)
+    calib = load_images("calibration (train split)", calib_items, classes, pp, man.source_of)
+    val = load_images("validation split", val_items, classes, pp, man.source_of)
     bound = {"max_accuracy_drop_points": max_drop, "min_agreement_percent": min_agreement}
     q: dict = {"bound": bound, "calibration": {"source_split": "train", "count": len(calib),
-                                                 "selection": "equal per class", "seed": seed},
+                                                 "selection": "equal per (source, class)", "seed": seed},
                "validation": val.summary()}
     report["int8"] = q
     with tempfile.TemporaryDirectory(prefix="cxr-export-int8-") as work:
@@ -396,7 +397,7 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             sess = ort_session(partial)
             run = ort_runner(sess)
             p8 = run_batched(run, ev.x)
-            entry = {"metrics": classification_metrics(ev.y, p8.argmax(1), classes) if ev.labelled else None,
+            entry = {"metrics": classification_metrics(ev.y, p8.argmax(1), classes, ev.sources) if ev.labelled else None,
                      "agreement_vs_fp32": round(agreement(p_onnx, p8), 6),
                      "agreement_vs_pytorch": round(agreement(p_torch, p8), 6),
                      "max_abs_diff_vs_fp32": float(np.abs(p8 - p_onnx).max()), "path": str(int8_out),

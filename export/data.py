@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.runtime.dataset import discover_labelled, is_candidate_image, read_split_manifest
+from cxr.runtime.dataset import (discover_labelled, is_candidate_image, item_path, override_roots, read_split_manifest,
+                                 source_roots)
 from cxr.runtime.imageio import ImageReadError, load_image
 from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing, preprocess
@@ -77,6 +78,12 @@ class Manifest:
     sha256: str
     raw_root: str = ""
     seed: int | None = None
+    sources: dict = field(default_factory=dict)  # source name -> root
+    source_of: dict = field(default_factory=dict)  # absolute path -> source name
+
+    def group(self, item: tuple) -> tuple[str, str]:
+        """(source, class) of an item: what parity sampling and calibration stratify by."""
+        return (self.source_of.get(item[0], ""), item[1])
 
     def split(self, name: str) -> list[tuple[Path, str]]:
         return [(p, lab) for p, lab, s in self.items if s == name]
@@ -94,25 +101,32 @@ def find_manifest(checkpoint: Path, ckpt: dict) -> Path | None:
     return fallback if fallback.is_file() else None
 
 
-def read_manifest(path: "str | os.PathLike[str]", data_root: "str | os.PathLike[str] | None" = None) -> Manifest:
-    """Parse ``split.json``; item paths resolve against its root, or ``data_root`` if the data moved."""
+def read_manifest(path: "str | os.PathLike[str]", data_root: "str | os.PathLike[str] | list | None" = None) -> Manifest:
+    """Parse ``split.json`` (either format); item paths resolve against their source's root, or
+    ``data_root`` (one folder per source) if the data moved."""
     p = Path(path)
     try:
         doc = read_split_manifest(p)
+        if data_root:
+            doc = override_roots(doc, data_root if isinstance(data_root, (list, tuple)) else [data_root])
     except ValueError as exc:
         raise ExportInputError(str(exc)) from None
-    root = Path(data_root) if data_root else Path(doc.get("root", ""))
-    if not root.is_dir():
-        hint = "" if data_root else " (use --data-root if the data moved)"
-        raise ExportInputError(f"data root of the split manifest is not a folder: {root}{hint}")
-    items = []
+    roots = source_roots(doc)
+    for name, root in roots.items():
+        if not root.is_dir():
+            hint = "" if data_root else " (use --data-root if the data moved)"
+            raise ExportInputError(f"data root of source {name!r} in the split manifest is not a folder: {root}{hint}")
+    items, source_of = [], {}
     for it in doc.get("items", []):
         split = it.get("split")
         if split not in SPLITS:
             raise ExportInputError(f"manifest item {it!r} has no valid split")
-        rel = Path(it["path"])
-        items.append((rel if rel.is_absolute() else root / rel, it["label"], split))
-    return Manifest(p, root, list(doc.get("classes", [])), items, sha256_file(p), doc.get("root", ""), doc.get("seed"))
+        path = item_path(doc, it, roots)
+        items.append((path, it["label"], split))
+        source_of[path] = it["source"]
+    first = next(iter(roots.values()))
+    return Manifest(p, first, list(doc.get("classes", [])), items, sha256_file(p),
+                    " + ".join(str(r) for r in roots.values()), doc.get("seed"), roots, source_of)
 
 
 # --------------------------------------------------------------------------- image sets
@@ -126,6 +140,7 @@ class ImageSet:
     y: np.ndarray
     paths: list[Path]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # one per image; the set's name when unknown
 
     @property
     def labelled(self) -> bool:
@@ -140,19 +155,21 @@ class ImageSet:
 
 
 def stratified_subset(items: list[tuple[Path, str]], limit: int, seed: int = 0,
-                      balanced: bool = False) -> list[tuple[Path, str]]:
+                      balanced: bool = False, key=None) -> list[tuple[Path, str]]:
     """Deterministic subset of at most ``limit`` items that keeps every class represented.
 
     ``balanced=False`` keeps class proportions (an unbiased accuracy estimate);
     ``balanced=True`` takes equal numbers per class (calibration should see rare classes'
-    activation ranges too). ``limit <= 0`` keeps everything.
+    activation ranges too). ``key`` (default: the class) names the groups, e.g.
+    ``Manifest.group`` for (source, class). ``limit <= 0`` keeps everything.
     """
+    key = key or (lambda it: it[1])
     if limit <= 0 or len(items) <= limit:
         return list(items)
     rng = np.random.default_rng(seed)
     by_class: dict[str, list[tuple[Path, str]]] = {}
     for it in sorted(items, key=lambda t: str(t[0])):
-        by_class.setdefault(it[1], []).append(it)
+        by_class.setdefault(key(it), []).append(it)
     for lst in by_class.values():
         rng.shuffle(lst)
     labels = sorted(by_class)
@@ -181,7 +198,7 @@ def stratified_subset(items: list[tuple[Path, str]], limit: int, seed: int = 0,
 
 
 def load_images(name: str, items: list[tuple[Path, str | None]], classes: list[str],
-                pp: Preprocessing) -> ImageSet:
+                pp: Preprocessing, source_of: dict | None = None) -> ImageSet:
     """Load through the runtime's loader and preprocessing; unreadable files are skipped and counted."""
     index = {c: i for i, c in enumerate(classes)}
     xs, ys, paths, skipped = [], [], [], []
@@ -199,7 +216,8 @@ def load_images(name: str, items: list[tuple[Path, str | None]], classes: list[s
         log(f"  {name}: skipped {len(skipped)} unreadable file(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
     if not xs:
         raise ExportInputError(f"no readable images in {name}")
-    return ImageSet(name, np.stack(xs).astype(np.float32), np.asarray(ys, np.int64), paths, skipped)
+    srcs = [(source_of or {}).get(p, name) for p in paths]
+    return ImageSet(name, np.stack(xs).astype(np.float32), np.asarray(ys, np.int64), paths, skipped, srcs)
 
 
 def folder_items(folder: "str | os.PathLike[str]", classes: list[str]) -> tuple[list[tuple[Path, str | None]], bool]:

@@ -13,10 +13,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cxr.runtime.metrics import classification_report
+from cxr.runtime.metrics import classification_report, per_source_report
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str]) -> dict:
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
+                           sources: Sequence[str] | None = None) -> dict:
     """The runtime's ``classification_report`` over the known labels, as the report stores it.
 
     Labels < 0 (a folder class the model does not know) are left out. Classes absent from
@@ -33,6 +34,8 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequ
     rep["confusion"] = rep.pop("confusion_matrix")
     if rep["n"] == 0:
         rep["accuracy"] = rep["macro_f1"] = None
+    if sources is not None and len(sources) == len(y_true):
+        rep["by_source"] = per_source_report(y_true, y_pred, sources, list(classes))
     return rep
 
 

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from cxr.runtime.metrics import format_per_source
+
 REPORT_FORMAT = "cxr-export-report/1"
 COLUMNS = ("pytorch", "onnx_fp32", "onnx_int8")
 LABELS = {"pytorch": "PyTorch", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8"}
@@ -21,6 +23,7 @@ def compact_metrics(m: dict | None) -> dict | None:
         "sensitivity": {c: v["sensitivity"] for c, v in m["per_class"].items()},
         "specificity": {c: v["specificity"] for c, v in m["per_class"].items()},
         "confusion": m["confusion"],
+        **({"by_source": m["by_source"]} if m.get("by_source") else {}),
     }
 
 
@@ -82,6 +85,11 @@ def table(report: dict) -> str:
     out.append("")
     out.append(f"eval images: {ev.get('n')} from {ev.get('source')} ({ev.get('labelled')} labelled); "
                f"agree = top-1 agreement with PyTorch (int8: with fp32)")
+    for key in COLUMNS:
+        by = ((report["models"].get(key) or {}).get("metrics") or {}).get("by_source")
+        if by:
+            out.append("")
+            out.append(format_per_source(by, classes, f"{LABELS[key]} by source:"))
     if par:
         out.append(f"fp32 parity: {'PASSED' if par.get('passed') else 'FAILED'} -- max |dp| {par['max_abs_diff']:.3g} "
                    f"(<= {par['tolerance_max_abs_diff']:g}), mean |dp| {par['mean_abs_diff']:.3g}, "

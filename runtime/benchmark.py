@@ -33,10 +33,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .cpu import cpu_info
-from .dataset import LabelledImage, discover_labelled, read_split_manifest
+from .dataset import (LabelledImage, discover_labelled, item_path, override_roots, read_split_manifest, source_name,
+                      source_roots)
 from .engine import DEFAULT_BATCH_SIZE, default_threads, default_workers, prepare, scan_files
 from .latency import percentiles_ms
-from .metrics import classification_report
+from .metrics import classification_report, format_per_source, per_source_report
 from .session import Model, ModelLoadError, load_model
 
 FORMAT = "cxr-bench/1"
@@ -69,13 +70,13 @@ def shipped_model_paths() -> list[Path]:
 
 
 def select_items(items: Sequence[LabelledImage], limit: int | None) -> list[LabelledImage]:
-    """At most ``limit`` images, taken round-robin across classes (so a small limit still covers
-    every class), returned in the folder's order. Deterministic."""
+    """At most ``limit`` images, taken round-robin across (source, class) groups (so a small limit
+    still covers every class of every source), returned in the folders' order. Deterministic."""
     if not limit or limit >= len(items):
         return list(items)
-    by_class: dict[str, list[int]] = {}
+    by_class: dict[tuple[str, str], list[int]] = {}
     for i, it in enumerate(items):
-        by_class.setdefault(it.label, []).append(i)
+        by_class.setdefault((it.source, it.label), []).append(i)
     queues = [iter(v) for v in by_class.values()]
     chosen: list[int] = []
     while len(chosen) < limit and queues:
@@ -88,22 +89,45 @@ def select_items(items: Sequence[LabelledImage], limit: int | None) -> list[Labe
     return [items[i] for i in sorted(chosen)]
 
 
-def split_items(data_dir: "str | os.PathLike[str]", split_path: "str | os.PathLike[str]",
+def split_items(data_dirs: "Sequence[str | os.PathLike[str]]", split_path: "str | os.PathLike[str]",
                 subset: str = "test") -> tuple[list[str], list[LabelledImage]]:
     """(classes, items) of one subset of a cxr-train split manifest (``split.json``, see
-    docs/contracts.md), paths resolved against ``data_dir``: accuracy on the held-out test split,
-    not on images the model was trained on."""
+    docs/contracts.md), each image under its source's root (``data_dirs``, one per source, where
+    the data moved): accuracy on the held-out test split, not on images the model was trained on."""
     try:
-        manifest = read_split_manifest(split_path)
+        manifest = override_roots(read_split_manifest(split_path), list(data_dirs) or None)
     except ValueError as exc:
         raise BenchError(str(exc)) from None
-    rows = [it for it in manifest.get("items", []) if isinstance(it, dict) and it.get("split") == subset]
+    roots = source_roots(manifest)
+    for name, root in roots.items():
+        if not root.is_dir():
+            raise BenchError(f"source {name!r} of {split_path}: {root} is not a folder (give its folder as DATA_DIR)")
+    rows = [it for it in manifest["items"] if it.get("split") == subset]
     if not rows:
-        subsets = sorted({str(it.get("split")) for it in manifest.get("items", []) if isinstance(it, dict)})
+        subsets = sorted({str(it.get("split")) for it in manifest["items"]})
         raise BenchError(f"{split_path} has no {subset!r} items (it has: {', '.join(subsets) or 'none'})")
-    items = [LabelledImage(Path(data_dir) / it["path"], str(it["label"])) for it in rows]
+    items = [LabelledImage(item_path(manifest, it, roots), str(it["label"]), it["source"]) for it in rows]
     labels = {it.label for it in items}
     classes = [c for c in manifest.get("classes", []) if c in labels] + sorted(labels - set(manifest.get("classes", [])))
+    return classes, items
+
+
+def folder_items(data_dirs: "Sequence[str | os.PathLike[str]]") -> tuple[list[str], list[LabelledImage]]:
+    """Labelled folders, each a source named after it; classes are the union, first-seen order."""
+    classes: list[str] = []
+    items: list[LabelledImage] = []
+    taken: set[str] = set()
+    for d in data_dirs:
+        if not os.path.isdir(d):
+            raise BenchError(f"{d} is not a folder")
+        try:
+            found, labelled = discover_labelled(d)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        name = source_name(d, taken)
+        taken.add(name)
+        classes += [c for c in found if c not in classes]
+        items += [LabelledImage(it.path, it.label, name) for it in labelled]
     return classes, items
 
 
@@ -276,6 +300,7 @@ def bench_model(
     predicted: list[str | None] = []
     y_true: list[int] = []
     y_pred: list[int] = []
+    y_src: list[str] = []
     probs: list[list[float]] = []
     unknown: dict[str, dict[str, Any]] = {}
     errors: Counter = Counter()
@@ -303,6 +328,7 @@ def bench_model(
         else:
             y_true.append(idx)
             y_pred.append(classes.index(label))
+            y_src.append(item.source)
             probs.append([res.prediction.probabilities[c] for c in classes])
 
     if y_true:
@@ -354,6 +380,7 @@ def bench_model(
         "macro_f1": rep["macro_f1"] if rep else None,
         "macro_roc_auc": rep.get("macro_roc_auc") if rep else None,
         "per_class": rep["per_class"] if rep else {},
+        "by_source": per_source_report(y_true, y_pred, y_src, classes) if rep else {},
         "confusion_matrix": rep["confusion_matrix"] if rep else None,
         "confusion_by_folder_class": {c: dict(cnt) for c, cnt in display.items()},
         "label_mapping": {c: (classes[i] if i is not None else None) for c, i in mapping.items()},
@@ -394,7 +421,7 @@ def agreement(reference: Sequence[str | None], other: Sequence[str | None]) -> d
 
 
 def run_bench(
-    data_dir: "str | os.PathLike[str]",
+    data_dir: "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]",
     model_paths: Sequence["str | os.PathLike[str]"] | None = None,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -414,15 +441,14 @@ def run_bench(
     """
     import onnxruntime as ort
 
-    if not os.path.isdir(data_dir):
-        raise BenchError(f"{data_dir} is not a folder")
+    data_dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir or [])
     if split is not None:
-        folder_classes, items = split_items(data_dir, split, subset)
+        folder_classes, items = split_items(data_dirs, split, subset)
+    elif not data_dirs:
+        raise BenchError("no labelled folder given")
     else:
-        try:
-            folder_classes, items = discover_labelled(data_dir)
-        except ValueError as exc:
-            raise BenchError(str(exc)) from None
+        folder_classes, items = folder_items(data_dirs)
+    sources = list(dict.fromkeys(it.source for it in items))
     total = len(items)
     items = select_items(items, limit)
     paths = [Path(p) for p in model_paths] if model_paths else shipped_model_paths()
@@ -433,7 +459,7 @@ def run_bench(
         threads = default_threads(device, workers)
     workers = workers or default_workers(device)
     counts = Counter(it.label for it in items)
-    log(f"bench: {len(items)} of {total} images in {data_dir} "
+    log(f"bench: {len(items)} of {total} images in {', '.join(map(os.fspath, data_dirs)) or split} "
         f"({', '.join(f'{c} {counts[c]}' for c in folder_classes)}), {len(paths)} model(s)")
     warm_file_cache([os.fspath(it.path) for it in items])
 
@@ -451,7 +477,9 @@ def run_bench(
         del model  # free the session before the next one
     return {
         "format": FORMAT,
-        "data": os.fspath(data_dir),
+        "data": ", ".join(map(os.fspath, data_dirs)) if data_dirs else os.fspath(split),
+        "sources": sources,
+        "images_per_source": dict(Counter(it.source for it in items)),
         "folder_classes": folder_classes,
         "split": {"manifest": os.fspath(split), "subset": subset} if split is not None else None,
         "images_in_folder": total,
@@ -534,6 +562,9 @@ def format_summary(result: dict[str, Any]) -> str:
     ]
     for r in rows:
         out += ["", f"== {r['name']} ({r['format']} {r['precision']}, {r['arch']}, {r['input_size']} px)"]
+        if len(r.get("by_source") or {}) > 1 or (r.get("by_source") and result.get("split")):
+            out += [format_per_source(r["by_source"], [c for c in classes if c in r["classes"]],
+                                      "by source (accuracy, then each class's sensitivity and n within the source):"), ""]
         if r["per_class"]:
             pc_rows = [[c, str(v["support"]), _num(v["sensitivity"], ".3f"), _num(v["specificity"], ".3f"),
                         _num(v["precision"], ".3f"), _num(v["f1"], ".3f")] for c, v in r["per_class"].items()]

@@ -172,7 +172,7 @@ def info(ctx, model_path, precision, as_json):
 
 
 @cli.command()
-@click.argument("data_dir", type=click.Path())
+@click.argument("data_dirs", nargs=-1, type=click.Path())
 @click.option("--model", "model_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Model to compare (repeat; the first is the agreement reference). Default: shipped fp32 + int8.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write everything as JSON.")
@@ -183,15 +183,19 @@ def info(ctx, model_path, precision, as_json):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N images, spread over the classes.")
 @click.option("--runs", type=click.IntRange(min=1), default=100, show_default=True, help="Timed batch-1 inferences.")
 @click.option("--split", type=click.Path(dir_okay=False), default=None,
-              help="cxr-train split.json: bench only its --subset, paths resolved against DATA_DIR.")
+              help="cxr-train split.json: bench only its --subset, each image under its source's folder "
+                   "(DATA_DIRS, one per source, override where the data moved).")
 @click.option("--subset", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.pass_context
-def bench(ctx, data_dir, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset):
-    """Accuracy and speed of models on a labelled folder (<Class>/images/* or class folders): one
-    table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement."""
+def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset):
+    """Accuracy and speed of models on labelled folders (<Class>/images/* or class folders): one
+    table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement,
+    then accuracy and sensitivity by source (each DATA_DIR is a source)."""
+    if not data_dirs and not split:
+        raise click.UsageError("give at least one labelled DATA_DIR, or --split FILE")
     from .benchmark import bench_command
 
-    ctx.exit(bench_command(data_dir, list(model_paths) or None, json_path=json_path, batch_size=batch_size,
+    ctx.exit(bench_command(list(data_dirs), list(model_paths) or None, json_path=json_path, batch_size=batch_size,
                            threads=threads, device=device, limit=limit, workers=workers, runs=runs,
                            split=split, subset=subset))
 

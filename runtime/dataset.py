@@ -14,7 +14,9 @@ from pathlib import Path
 
 from .imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
-SPLIT_FORMAT = "cxr-split/1"  # cxr-train's split.json, see docs/contracts.md
+SPLIT_FORMAT = "cxr-split/2"  # cxr-train's split.json, see docs/contracts.md
+# Older manifests still read: format 1 had one ``root`` and no per-item source.
+READABLE_SPLIT_FORMATS = ("cxr-split/1", SPLIT_FORMAT)
 
 # Folders inside a class folder that hold something other than the class's X-rays.
 IGNORED_DIRS = frozenset({"masks", "mask", "__MACOSX", ".git"})
@@ -24,6 +26,7 @@ IGNORED_DIRS = frozenset({"masks", "mask", "__MACOSX", ".git"})
 class LabelledImage:
     path: Path
     label: str
+    source: str = ""  # the folder (or manifest source) it came from; metrics are reported by it
 
 
 def is_candidate_image(name: str) -> bool:
@@ -67,7 +70,9 @@ def discover_labelled(root: "str | os.PathLike[str]") -> tuple[list[str], list[L
 def read_split_manifest(path: "str | os.PathLike[str]") -> dict:
     """Parse a cxr-train ``split.json``; the one reader that training, export and bench share.
 
-    Raises ValueError saying what is wrong (unreadable, not JSON, not a split manifest).
+    Returns it in the current shape (format 2): ``sources`` (name -> root, in order) and a
+    ``source`` on every item. A format-1 manifest (one ``root``) becomes a single source named
+    after its root folder. Raises ValueError saying what is wrong.
     """
     p = Path(path)
     try:
@@ -75,6 +80,63 @@ def read_split_manifest(path: "str | os.PathLike[str]") -> dict:
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read split manifest {p}: {exc}") from None
     got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-    if got != SPLIT_FORMAT:
-        raise ValueError(f"{p} is not a cxr-train split manifest (format {got!r}, expected {SPLIT_FORMAT!r})")
+    if got not in READABLE_SPLIT_FORMATS:
+        raise ValueError(f"{p} is not a cxr-train split manifest (format {got!r}, expected one of "
+                         f"{', '.join(READABLE_SPLIT_FORMATS)})")
+    if not isinstance(doc.get("items"), list) or not isinstance(doc.get("classes"), list):
+        raise ValueError(f"{p}: split manifest without 'items' and 'classes' lists")
+    if got == "cxr-split/1":
+        root = str(doc.get("root", ""))
+        name = Path(root).name or "data"
+        doc = {**doc, "format": SPLIT_FORMAT, "upgraded_from": got,
+               "sources": [{"name": name, "root": root}],
+               "items": [{**it, "source": name} for it in doc["items"] if isinstance(it, dict)]}
+        doc.pop("root", None)
+    sources = doc.get("sources")
+    if not isinstance(sources, list) or not sources or not all(
+            isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("root"), str) for s in sources):
+        raise ValueError(f"{p}: split manifest 'sources' must be a list of {{name, root}}")
+    names = {s["name"] for s in sources}
+    for it in doc["items"]:
+        if not isinstance(it, dict) or it.get("source") not in names or not isinstance(it.get("path"), str):
+            raise ValueError(f"{p}: manifest item {it!r} has no path or names no listed source")
     return doc
+
+
+def source_roots(manifest: dict) -> dict[str, Path]:
+    """Source name -> its image root, in the manifest's order."""
+    return {s["name"]: Path(s["root"]) for s in manifest["sources"]}
+
+
+def item_path(manifest: dict, item: dict, roots: "dict[str, Path] | None" = None) -> Path:
+    rel = Path(item["path"])
+    if rel.is_absolute():
+        return rel
+    return (roots or source_roots(manifest))[item["source"]] / rel
+
+
+def override_roots(manifest: dict, roots: "list[str | os.PathLike[str]] | None") -> dict:
+    """Point a manifest at data that moved: one folder per source, in the manifest's order, or
+    matched by folder name. Returns a new dict; raises ValueError when they cannot be matched."""
+    if not roots:
+        return manifest
+    roots = [Path(r).resolve() for r in roots]
+    names = [s["name"] for s in manifest["sources"]]
+    by_name = {r.name: r for r in roots}
+    if all(n in by_name for n in names):
+        new = {n: by_name[n] for n in names}
+    elif len(roots) == len(names):
+        new = dict(zip(names, roots))
+    else:
+        raise ValueError(f"the manifest has {len(names)} sources ({', '.join(names)}); give one data folder "
+                         f"per source, in that order or named like them (got {len(roots)})")
+    return {**manifest, "sources": [{**s, "root": str(new[s["name"]])} for s in manifest["sources"]]}
+
+
+def source_name(root: "str | os.PathLike[str]", taken: "set[str] | frozenset[str]" = frozenset()) -> str:
+    """A source is named after its folder; a repeated name gets ``-2``, ``-3`` ..."""
+    base = Path(root).resolve().name or "data"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name

@@ -104,3 +104,45 @@ def classification_report(y_true, y_pred, classes: list[str], probs: np.ndarray 
         report["macro_roc_auc"] = float(np.mean(valid)) if valid else None
         report["ece"] = expected_calibration_error(y_true, probs)
     return report
+
+
+def per_source_report(y_true, y_pred, sources, classes: list[str]) -> dict[str, dict]:
+    """Accuracy and each present class's sensitivity within every source.
+
+    An accuracy over a pool of sources can hide a source the model fails on (a class that
+    comes from one hospital teaches the hospital), so every report carries this table.
+    Sources keep their first-seen order; ``-1`` labels (unknown class) are left out.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    sources = np.asarray(list(sources), dtype=object)
+    out: dict[str, dict] = {}
+    for src in dict.fromkeys(sources.tolist()):
+        sel = (sources == src) & (y_true >= 0)
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        t, p = y_true[sel], y_pred[sel]
+        sens = {}
+        for i, c in enumerate(classes):
+            m = t == i
+            if m.any():
+                sens[c] = {"n": int(m.sum()), "sensitivity": float((p[m] == i).mean())}
+        out[str(src)] = {"n": n, "accuracy": float((t == p).mean()), "per_class": sens}
+    return out
+
+
+def format_per_source(table: dict[str, dict], classes: list[str], title: str = "by source") -> str:
+    """A plain-text table: source, n, accuracy, then each class's sensitivity (n) or '-'."""
+    head = ["source", "n", "accuracy"] + [f"sens {c}" for c in classes]
+    rows = []
+    for src, r in table.items():
+        cells = [src, str(r["n"]), f"{100 * r['accuracy']:.2f} %"]
+        for c in classes:
+            v = r["per_class"].get(c)
+            cells.append(f"{v['sensitivity']:.3f} ({v['n']})" if v else "-")
+        rows.append(cells)
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ from cxr.train import engine  # noqa: E402
 from cxr.train.augment import AugmentConfig, augment_batch, normalize_tensor, to_unit  # noqa: E402
 from cxr.train.cli import main as train_main  # noqa: E402
 from cxr.train.models import build_model, load_pretrained  # noqa: E402
+from cxr.runtime.dataset import item_path  # noqa: E402
 from cxr.train.split import load_manifest, make_split  # noqa: E402
 
 CLASSES = ("Bottom", "Stripes", "Top")
@@ -107,7 +108,7 @@ def test_training_learns_writes_everything_and_never_touches_test_before_the_end
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     manifest = load_manifest(out / "split.json")
-    test_paths = {str(Path(manifest["root"]) / r["path"]) for r in manifest["items"] if r["split"] == "test"}
+    test_paths = {str(item_path(manifest, r)) for r in manifest["items"] if r["split"] == "test"}
     assert decoded_before_finish and not (set(decoded_before_finish) & test_paths)
 
     history = json.loads((out / "metrics.json").read_text())
@@ -316,13 +317,14 @@ def test_pack_split_then_train_on_the_copy_and_test_on_the_originals(tiny_datase
         zf.extractall(tmp_path / "unz")
     pp = Preprocessing(size=32)
     for orig, new in list(zip(original["items"], copy["items"]))[:10]:
-        want = resize_to_uint8(Image.open(Path(original["root"]) / orig["path"]), pp).astype(int)
-        got = np.asarray(Image.open(tmp_path / "unz" / "data" / new["path"]).convert("L")).astype(int)
+        want = resize_to_uint8(Image.open(item_path(original, orig)), pp).astype(int)
+        got = np.asarray(Image.open(tmp_path / "unz" / "data" / new["source"] / new["path"]).convert("L")).astype(int)
         assert got.shape == want.shape == (32, 32)
         assert np.abs(got - want).mean() < (12 if new["split"] == "test" else 6)  # lossy, but the same image
 
     run = tmp_path / "gpu-run"
-    res = CliRunner().invoke(train_main, ["--data", str(tmp_path / "unz" / "data"), "--split", str(packed / "split.json"),
+    src = original["sources"][0]["name"]
+    res = CliRunner().invoke(train_main, ["--data", str(tmp_path / "unz" / "data" / src), "--split", str(packed / "split.json"),
                                           "--arch", "baseline_cnn", "--image-size", "32", "--epochs", "2",
                                           "--batch-size", "16", "--threads", "1", "--no-shift-eval", "--out", str(run)],
                              catch_exceptions=False)
@@ -336,7 +338,7 @@ def test_pack_split_then_train_on_the_copy_and_test_on_the_originals(tiny_datase
     report = json.loads((run / "test_report.json").read_text())
     n_test = sum(r["split"] == "test" for r in original["items"])
     assert report["n"] == n_test and report["manifest"] == str((first / "split.json").resolve())
-    assert report["data_root"] == original["root"]
+    assert report["sources"] == original["sources"]
     printed = [line for line in res.output.splitlines() if line.startswith("{")]
     assert json.loads(printed[-1])["accuracy"] == report["accuracy"]
     ck = torch.load(run / "best.pt", map_location="cpu", weights_only=False)

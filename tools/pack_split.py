@@ -10,10 +10,11 @@ original files (``cxr.train.engine.finish`` with the original ``split.json``).
     python tools/pack_split.py RUN/split.json packed/ --size 224 --quality 80 --test-quality 40
     # on the GPU machine:
     python -m zipfile -e packed/data.zip /tmp/d
-    cxr-train --data /tmp/d/data --split packed/split.json --image-size 224 ...
+    cxr-train --data /tmp/d/data/SOURCE1 --data /tmp/d/data/SOURCE2 --split packed/split.json ...
 
-The packed ``split.json`` lists the same images in the same splits, with ``.jpg`` paths, and must
-be used with ``--data`` pointing at the unpacked ``data`` folder.
+The packed ``split.json`` lists the same images in the same splits and sources, with ``.jpg``
+paths; each source is packed under ``data/<source>/``, so give one ``--data`` per source (named
+like the source, or in the manifest's order).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cxr.runtime.dataset import read_split_manifest
+from cxr.runtime.dataset import item_path, override_roots, read_split_manifest, source_roots
 from cxr.runtime.imageio import load_image
 from cxr.runtime.preprocess import Preprocessing, resize_to_uint8
 
@@ -40,31 +41,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quality", type=int, default=80, help="JPEG quality of train and val images")
     ap.add_argument("--test-quality", type=int, default=40, help="JPEG quality of test images")
-    ap.add_argument("--data-root", type=Path, help="resolve items here instead of the split's root")
+    ap.add_argument("--data-root", type=Path, action="append",
+                    help="resolve a source's items here instead of its recorded root (repeat: one per source)")
     args = ap.parse_args(argv)
 
-    manifest = read_split_manifest(args.split)
-    root = args.data_root or Path(manifest["root"])
+    manifest = override_roots(read_split_manifest(args.split), args.data_root)
+    roots = source_roots(manifest)
     pp = Preprocessing(size=args.size)
 
     def encode(row: dict) -> tuple[str, bytes]:
-        pixels = resize_to_uint8(load_image(root / row["path"]), pp)
+        pixels = resize_to_uint8(load_image(item_path(manifest, row, roots)), pp)
         buf = io.BytesIO()
         quality = args.test_quality if row["split"] == "test" else args.quality
         Image.fromarray(pixels, mode="L").save(buf, "JPEG", quality=quality)
         return Path(row["path"]).with_suffix(".jpg").as_posix(), buf.getvalue()
+
+    for src in manifest["sources"]:
+        src["root"] = f"data/{src['name']}"
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = manifest["items"]
     total = 0
     with ThreadPoolExecutor(4) as pool, zipfile.ZipFile(args.out / "data.zip", "w", zipfile.ZIP_STORED) as zf:
         for i, (row, (rel, data)) in enumerate(zip(rows, pool.map(encode, rows)), 1):
-            zf.writestr(f"data/{rel}", data)
+            zf.writestr(f"data/{row['source']}/{rel}", data)
             row["path"] = rel
             total += len(data)
             if i % 2000 == 0:
                 print(f"[pack] {i}/{len(rows)}", file=sys.stderr)
-    manifest["root"] = "data"
     (args.out / "split.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     print(f"[pack] {len(rows)} images, {total / 2**20:.1f} MiB of JPEG -> {args.out / 'data.zip'}", file=sys.stderr)
     return 0

@@ -40,6 +40,11 @@ class AugmentConfig:
     contrast: tuple[float, float] = (0.8, 1.2)
     brightness: float = 0.08
     robust: bool = True
+    # cues outside the lungs (burnt-in letters and markers, borders, collimation edges) differ by
+    # source; hiding them at random keeps them from predicting the class
+    cue_erase_p: float = 0.5
+    border_max: float = 0.12
+    patch_max: int = 3
 
 
 def normalize_tensor(x01: torch.Tensor, pp: Preprocessing) -> torch.Tensor:
@@ -113,6 +118,40 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(decoded).to(torch.float32) / 255.0
 
 
+def _erase_cues(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random bands along the edges and small blocks in the outer margin, each one flat grey.
+
+    The bands mimic collimation and borders of other machines; the blocks cover where burnt-in
+    letters and side markers sit: the outer 15 % strips of the image.
+    """
+    b, _, h, w = x.shape
+    r = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    widths = (r(b, 4) < 0.5) * (r(b, 4) * cfg.border_max * torch.tensor([h, h, w, w]))
+    widths = widths.long()
+    band = ((rows < widths[:, 0].view(b, 1, 1)) | (rows >= h - widths[:, 1].view(b, 1, 1))
+            | (cols < widths[:, 2].view(b, 1, 1)) | (cols >= w - widths[:, 3].view(b, 1, 1)))
+    fill = r(b, 1, 1)
+    out = torch.where(band, fill, x[:, 0])
+    for _ in range(cfg.patch_max):
+        use = r(b) < 0.5
+        ph = (h * (0.04 + 0.10 * r(b))).long()
+        pw = (w * (0.04 + 0.10 * r(b))).long()
+        # the top-left corner lies in the outer quarter: one of the four edge strips
+        y0 = (r(b) * (h - ph)).long()
+        x0 = (r(b) * (w - pw)).long()
+        edge = (r(b) * 4).long()
+        y0 = torch.where(edge == 0, (r(b) * h * 0.15).long(), torch.where(edge == 1, h - ph - (r(b) * h * 0.15).long(), y0))
+        x0 = torch.where(edge == 2, (r(b) * w * 0.15).long(), torch.where(edge == 3, w - pw - (r(b) * w * 0.15).long(), x0))
+        y0, x0 = y0.clamp(0, h - 1), x0.clamp(0, w - 1)
+        m = ((rows >= y0.view(b, 1, 1)) & (rows < (y0 + ph).view(b, 1, 1))
+             & (cols >= x0.view(b, 1, 1)) & (cols < (x0 + pw).view(b, 1, 1)) & use.view(b, 1, 1))
+        shade = torch.where(r(b) < 0.5, 0.85 + 0.15 * r(b), 0.15 * r(b)).view(b, 1, 1)
+        out = torch.where(m, shade, out)
+    return out.unsqueeze(1)
+
+
 def _subset(b: int, p: float, gen: torch.Generator) -> torch.Tensor:
     return torch.nonzero(torch.rand(b, generator=gen) < p).flatten()
 
@@ -142,4 +181,7 @@ def augment_batch(batch_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generat
         br = torch.empty(n).uniform_(-cfg.brightness, cfg.brightness, generator=gen)
         y = x[idx].clamp(1e-6, 1).pow(torch.exp(lg).view(-1, 1, 1, 1))
         x[idx] = (y - 0.5) * c.view(-1, 1, 1, 1) + 0.5 + br.view(-1, 1, 1, 1)
+    idx = _subset(b, cfg.cue_erase_p, gen)
+    if len(idx):
+        x[idx] = _erase_cues(x[idx].clamp(0, 1), cfg, gen)
     return x.clamp_(0, 1)

@@ -18,7 +18,9 @@ from .models import ARCHS
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Labelled folder: <Class>/images/*.png or <Class>/*.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), multiple=True,
+              help="Labelled folder: <Class>/images/*.png or <Class>/*. Repeat it: each folder is a source, "
+                   "the split is stratified by (source, class), every metric is reported by source.")
 @click.option("--arch", type=click.Choice(ARCHS), default="mobilenet_v2")
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Run directory (created).")
 @click.option("--image-size", type=int, default=Preprocessing.size, help="Square input size in pixels.")
@@ -29,7 +31,13 @@ from .models import ARCHS
 @click.option("--weight-decay", type=float, default=0.01)
 @click.option("--warmup-epochs", type=float, default=1.0)
 @click.option("--label-smoothing", type=float, default=0.05)
-@click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy (default weighs classes by inverse training frequency).")
+@click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy (default weighs by inverse training frequency).")
+@click.option("--balance", type=click.Choice(["class", "source-class"]), default="source-class",
+              help="Loss weights by inverse frequency of each class, or of each (source, class) group "
+                   "(the same thing with one source).")
+@click.option("--select", type=click.Choice(["macro_f1", "mean_group_sensitivity", "min_group_sensitivity"]),
+              default="macro_f1", help="Validation metric that picks best.pt and drives --patience; the group "
+                                       "ones read the sensitivity of every (source, class) group.")
 @click.option("--patience", type=int, default=8, help="Early stop after this many epochs without val macro-F1 gain (0: off).")
 @click.option("--seed", type=int, default=0)
 @click.option("--split-seed", type=int, help="Seed of the split --data makes (default: --seed); fix it to vary --seed over one test set.")
@@ -73,10 +81,11 @@ def main(**kw) -> None:
         if (out / "last.pt").is_file():
             raise click.UsageError(f"{out} already holds a run; use --resume or another --out")
         cfg = TrainConfig(
-            data=kw["data"], out=str(out), arch=kw["arch"], image_size=kw["image_size"], resize=kw["resize"],
+            data=list(kw["data"]) or None, out=str(out), arch=kw["arch"], image_size=kw["image_size"], resize=kw["resize"],
             epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
             warmup_epochs=kw["warmup_epochs"], label_smoothing=kw["label_smoothing"],
-            class_weights=not kw["no_class_weights"], patience=kw["patience"], seed=kw["seed"],
+            class_weights=not kw["no_class_weights"], balance=kw["balance"], select=kw["select"],
+            patience=kw["patience"], seed=kw["seed"],
             split_seed=kw["split_seed"],
             split=kw["split_file"], split_fractions=tuple(kw["split_fractions"]), weights=kw["weights"],
             device=kw["device"], threads=kw["threads"], workers=kw["workers"], cache_dir=kw["cache_dir"],
@@ -104,7 +113,7 @@ def _test_only(out: Path, kw: dict) -> None:
         torch.set_num_threads(kw["threads"])
     report = finish(out, device, shift=not kw["no_shift_eval"],
                     workers=kw["workers"], cache_dir=Path(kw["cache_dir"]) if kw["cache_dir"] else None,
-                    manifest_path=manifest, data_root=Path(kw["data"]) if kw["data"] else None)
+                    manifest_path=manifest, data_root=[Path(d) for d in kw["data"]] or None)
     print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1")}), file=sys.stdout)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr.runtime.metrics import classification_report
+from cxr.runtime.metrics import classification_report, format_per_source, per_source_report
 from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing
 
@@ -30,7 +30,8 @@ from .augment import AugmentConfig, augment_batch, normalize_tensor
 from .cache import decode_all
 from .evaluate import predict_probs, test_report
 from .models import build_model, count_parameters, load_pretrained
-from .split import load_manifest, make_split, save_manifest, split_counts, split_items
+from .split import (load_manifest, make_split, missing_combinations, save_manifest, source_class_counts, split_counts,
+                    split_items, split_sources)
 
 CHECKPOINT_FORMAT = "cxr-checkpoint/1"
 PROGRESS_EVERY_S = 60.0  # a step-progress line on stderr at most this often within an epoch
@@ -38,7 +39,7 @@ PROGRESS_EVERY_S = 60.0  # a step-progress line on stderr at most this often wit
 
 @dataclass
 class TrainConfig:
-    data: str | None = None
+    data: "str | list[str] | None" = None  # one folder per source
     out: str = "runs/exp"
     arch: str = "mobilenet_v2"
     # the preprocessing knobs default to the runtime's own defaults (one source)
@@ -55,6 +56,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.01
     label_smoothing: float = 0.05
     class_weights: bool = True
+    # loss weights by inverse frequency of "class" or of each (source, class) group; the latter is
+    # the class weighting when there is one source, and stops the largest source of a class from
+    # defining that class
+    balance: str = "class"
+    # validation metric that picks best.pt: macro_f1, or the mean / minimum sensitivity over the
+    # (source, class) groups of the validation split (every group counts, whatever its size)
+    select: str = "macro_f1"
     patience: int = 8
     seed: int = 0
     split_seed: int | None = None  # None: --seed; set it to vary training seeds over one split
@@ -125,18 +133,49 @@ def _limit(items, limit: int | None, seed: int):
 
 def _prepare_split(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict:
     manifest_path = out / "split.json"
+    data = data_folders(cfg.data)
     if cfg.split:
-        manifest = load_manifest(Path(cfg.split), Path(cfg.data) if cfg.data else None)
+        manifest = load_manifest(Path(cfg.split), data)
     elif manifest_path.is_file():
-        manifest = load_manifest(manifest_path, Path(cfg.data) if cfg.data else None)
+        manifest = load_manifest(manifest_path, data)
     else:
-        if not cfg.data:
+        if not data:
             raise SystemExit("error: --data is required (or --split FILE)")
-        manifest = make_split(Path(cfg.data), tuple(cfg.split_fractions),
+        manifest = make_split(data, tuple(cfg.split_fractions),
                               cfg.seed if cfg.split_seed is None else cfg.split_seed)
     if info.main:
         save_manifest(manifest, manifest_path)
     return manifest
+
+
+def data_folders(data) -> list[Path]:
+    """--data as a list of folders (a config.json of an older run holds one string)."""
+    if not data:
+        return []
+    return [Path(d) for d in ([data] if isinstance(data, (str, os.PathLike)) else data)]
+
+
+def group_weight_vector(groups: np.ndarray) -> torch.Tensor:
+    """Per-sample loss weights, inverse frequency of each group, mean 1 over the samples' groups."""
+    _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    w = len(groups) / (len(counts) * counts[inverse].astype(np.float64))
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def group_sensitivity(y_true: np.ndarray, y_pred: np.ndarray, sources: list[str], classes: list[str]) -> dict:
+    """Sensitivity of every (source, class) group present: what --select source-class reads."""
+    table = per_source_report(y_true, y_pred, sources, classes)
+    return {f"{s}/{c}": v["sensitivity"] for s, r in table.items() for c, v in r["per_class"].items()}
+
+
+def selection_score(select: str, val: dict, groups: dict) -> float:
+    if select == "macro_f1":
+        return float(val["macro_f1"])
+    if select == "mean_group_sensitivity":
+        return float(np.mean(list(groups.values())))
+    if select == "min_group_sensitivity":
+        return float(min(groups.values()))
+    raise ValueError(f"unknown --select {select!r}")
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -166,8 +205,11 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
     k = len(classes)
     pp = Preprocessing(size=cfg.image_size, resize=cfg.resize, interpolation=cfg.interpolation,
                        mean=cfg.mean, std=cfg.std)
+    src_of = {p: s for split in ("train", "val") for (p, _), s in
+              zip(split_items(manifest, split), split_sources(manifest, split))}
     train_items = _limit(split_items(manifest, "train"), cfg.limit_per_class, cfg.seed)
     val_items = _limit(split_items(manifest, "val"), cfg.limit_per_class and max(2, cfg.limit_per_class // 4), cfg.seed)
+    val_sources = [src_of[p] for p, _ in val_items]
     if not train_items or not val_items:
         raise SystemExit("error: the split has no training or no validation images")
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
@@ -183,9 +225,17 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
     model.to(device, memory_format=fmt)
     n_params = count_parameters(model)
 
+    if cfg.balance not in ("class", "source-class"):
+        raise SystemExit(f"error: --balance must be class or source-class, not {cfg.balance!r}")
     weights = class_weight_vector(y_train.numpy(), k) if cfg.class_weights else None
+    sample_w = None
+    if cfg.class_weights and cfg.balance == "source-class":
+        groups = np.array([f"{src_of[p]}\0{y}" for p, y in train_items])
+        sample_w = group_weight_vector(groups)
+        weights = None
     criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
-                                          label_smoothing=cfg.label_smoothing)
+                                          label_smoothing=cfg.label_smoothing,
+                                          reduction="mean" if sample_w is None else "none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_rank = len(train_items) // info.world
     steps_per_epoch = max(1, math.ceil(per_rank / cfg.batch_size))
@@ -210,8 +260,10 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
     counts = split_counts(manifest)
     training_data = {
-        "name": cfg.dataset_name or Path(manifest["root"]).name,
-        "root": manifest["root"],
+        "name": cfg.dataset_name or " + ".join(s["name"] for s in manifest["sources"]),
+        "sources": manifest["sources"],
+        "source_class_counts": source_class_counts(manifest),
+        "missing_combinations": missing_combinations(manifest),
         "classes": classes,
         "class_counts": {c: sum(counts[s][c] for s in counts) for c in classes},
         "split_sizes": {s: sum(v.values()) for s, v in counts.items()},
@@ -229,6 +281,12 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
              f"{len(train_items)} train / {len(val_items)} val images at {pp.size}px, world={info.world}", info)
         if weights is not None:
             _log("[train] class weights " + ", ".join(f"{c}={w:.3f}" for c, w in zip(classes, weights.tolist())), info)
+        if sample_w is not None:
+            seen = {}
+            for (p, y), w in zip(train_items, sample_w.tolist()):
+                seen.setdefault(f"{src_of[p]}/{classes[y]}", (w, 0))
+                seen[f"{src_of[p]}/{classes[y]}"] = (w, seen[f"{src_of[p]}/{classes[y]}"][1] + 1)
+            _log("[train] (source, class) weights " + ", ".join(f"{g}={w:.2f} (n={n})" for g, (w, n) in seen.items()), info)
 
     def checkpoint(epoch: int, val_metrics: dict, extra: dict | None = None) -> dict:
         ck = {
@@ -282,6 +340,9 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 logits = net(xb)
                 loss = criterion(logits.float(), yb)
+                if sample_w is not None:
+                    wb = sample_w[idx].to(device)
+                    loss = (loss * wb).sum() / wb.sum()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -310,6 +371,8 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
             tr = classification_report(y_t, y_p, classes)
             probs = predict_probs(model, x_val, pp, device)
             val = classification_report(y_val, probs.argmax(1), classes, probs)
+            groups_val = group_sensitivity(y_val, probs.argmax(1), val_sources, classes)
+            score = selection_score(cfg.select, val, groups_val)
             val_loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                                         torch.from_numpy(y_val)).item())
             rec = {
@@ -320,18 +383,20 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
                 "train": {"loss": float(loss_sum.item()) / max(1, n_seen), "accuracy": tr["accuracy"],
                           "macro_f1": tr["macro_f1"]},
                 "val": {"loss": val_loss, "accuracy": val["accuracy"], "macro_f1": val["macro_f1"],
-                        "sensitivity": {c: v["sensitivity"] for c, v in val["per_class"].items()}},
+                        "sensitivity": {c: v["sensitivity"] for c, v in val["per_class"].items()},
+                        "group_sensitivity": groups_val, "selection": {cfg.select: score}},
             }
             history.append(rec)
-            improved = val["macro_f1"] > best_f1
+            improved = score > best_f1
             if improved:
-                best_f1, bad_epochs = val["macro_f1"], 0
+                best_f1, bad_epochs = score, 0
                 torch.save(checkpoint(epoch + 1, val), best_path)
             else:
                 bad_epochs += 1
             _log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {rec['train']['loss']:.4f}  "
                  f"train acc {tr['accuracy']:.4f}  val loss {val_loss:.4f}  val acc {val['accuracy']:.4f}  "
-                 f"val macro-F1 {val['macro_f1']:.4f}{' *' if improved else ''}  "
+                 f"val macro-F1 {val['macro_f1']:.4f}  min group sens {min(groups_val.values()):.3f}"
+                 f"{' *' if improved else ''}  "
                  f"lr {rec['lr']:.2e}  {rec['epoch_seconds']:.0f}s", info)
             state = checkpoint(epoch + 1, val, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -346,7 +411,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
                 _log(f"[warn] could not draw curves: {exc}", info)
             stop = cfg.patience > 0 and bad_epochs >= cfg.patience
             if stop:
-                _log(f"[train] early stop: no val macro-F1 gain for {cfg.patience} epochs", info)
+                _log(f"[train] early stop: no val {cfg.select} gain for {cfg.patience} epochs", info)
         if D.broadcast_flag(stop, info, device):
             break
 
@@ -357,7 +422,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
 def finish(out: Path, device: torch.device, shift: bool = True, limit: int | None = None, seed: int = 0,
            workers: int | None = None, cache_dir: Path | None = None, manifest_path: Path | None = None,
-           data_root: Path | None = None) -> dict:
+           data_root: "Path | list[Path] | None" = None) -> dict:
     """Evaluate best.pt once on the test split; write the report, confusion PNG, and update best.pt.
 
     ``manifest_path`` (default: the run's ``split.json``) and ``data_root`` let a checkpoint trained
@@ -372,7 +437,9 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
     manifest = load_manifest(manifest_path, data_root)
     if manifest["classes"] != ck["classes"]:
         raise SystemExit(f"error: {manifest_path} has classes {manifest['classes']}, the checkpoint {ck['classes']}")
+    src_of = dict(zip((p for p, _ in split_items(manifest, "test")), split_sources(manifest, "test")))
     test_items = _limit(split_items(manifest, "test"), limit and max(2, limit // 4), seed)
+    test_sources = [src_of[p] for p, _ in test_items]
     paths = [p for p, _ in test_items]
     x_test = decode_all(paths, pp, workers, cache_dir, "test")
     y_test = np.array([y for _, y in test_items], dtype=np.int64)
@@ -380,7 +447,7 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
     model.load_state_dict(ck["state_dict"])
     model.to(device)
     t0 = time.perf_counter()
-    report = test_report(model, x_test, y_test, paths, ck["classes"], pp, device, shift=shift)
+    report = test_report(model, x_test, y_test, paths, ck["classes"], pp, device, shift=shift, sources=test_sources)
     report.update({
         "split": "test",
         "checkpoint_epoch": ck["epoch"],
@@ -390,7 +457,8 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
         "eval_seconds": time.perf_counter() - t0,
         "manifest": str(manifest_path.resolve()),
         "manifest_sha256": sha256_file(manifest_path),
-        "data_root": manifest["root"],
+        "sources": manifest["sources"],
+        "missing_combinations": missing_combinations(manifest),
         "caveat": ("Research use only, never a diagnosis. Split by image (no patient ids); each class of the "
                    "COVID-19 Radiography Database comes from different sources, so a model can learn the "
                    "source instead of the disease (DeGrave et al., Nat Mach Intell 2021)."),
@@ -414,6 +482,7 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
     print(f"[test] {ck['arch']} epoch {ck['epoch']}: accuracy {report['accuracy']:.4f}  macro-F1 "
           f"{report['macro_f1']:.4f}  " + "  ".join(f"sens[{c}] {v['sensitivity']:.3f}" for c, v in pc.items()),
           file=sys.stderr)
+    print(format_per_source(report["by_source"], ck["classes"], "[test] by source:"), file=sys.stderr)
     if "acquisition_shift" in report:
         s = report["acquisition_shift"]
         print(f"[test] acquisition shift ({s['pipeline']}): accuracy {s['accuracy']:.4f} "

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from cxr.runtime.imageio import load_image
-from cxr.runtime.metrics import classification_report
+from cxr.runtime.metrics import classification_report, per_source_report
 from cxr.runtime.preprocess import Preprocessing, resize_to_uint8
 
 from .augment import normalize_tensor, to_unit
@@ -51,9 +51,11 @@ def shifted_pixels(paths: list[Path], pp: Preprocessing, workers: int = 4) -> np
 
 
 def test_report(model, pixels: np.ndarray, labels: np.ndarray, paths: list[Path], classes: list[str],
-                pp: Preprocessing, device: torch.device, shift: bool = True) -> dict:
+                pp: Preprocessing, device: torch.device, shift: bool = True, sources: list[str] | None = None) -> dict:
     probs = predict_probs(model, pixels, pp, device)
     report = classification_report(labels, probs.argmax(1), classes, probs)
+    sources = sources if sources is not None else ["data"] * len(labels)
+    report["by_source"] = per_source_report(labels, probs.argmax(1), sources, classes)
     if shift and len(paths):
         sp = predict_probs(model, shifted_pixels(paths, pp), pp, device)
         shifted = classification_report(labels, sp.argmax(1), classes, sp)
@@ -65,5 +67,6 @@ def test_report(model, pixels: np.ndarray, labels: np.ndarray, paths: list[Path]
             "macro_f1_drop": report["macro_f1"] - shifted["macro_f1"],
             "per_class_sensitivity": {c: v["sensitivity"] for c, v in shifted["per_class"].items()},
             "agreement_with_original": float((sp.argmax(1) == probs.argmax(1)).mean()),
+            "by_source": per_source_report(labels, sp.argmax(1), sources, classes),
         }
     return report

@@ -12,22 +12,40 @@ import random
 from pathlib import Path
 
 from cxr.runtime.dataset import SPLIT_FORMAT as FORMAT
-from cxr.runtime.dataset import LabelledImage, discover_labelled, read_split_manifest
+from cxr.runtime.dataset import (LabelledImage, discover_labelled, item_path, override_roots, read_split_manifest,
+                                 source_name, source_roots)
 SPLITS = ("train", "val", "test")
 
 
-def make_split(root: Path, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> dict:
-    """Stratified split: within each class, a seeded shuffle cut by ``fractions``."""
+def make_split(roots: "Path | str | list", fractions=(0.70, 0.15, 0.15), seed: int = 0) -> dict:
+    """Stratified by (source, class): within each group, a seeded shuffle cut by ``fractions``.
+
+    Each root is a *source*. A group's shuffle is seeded by the seed and the class only, so a
+    source's split does not depend on which other sources join it: adding a folder never moves
+    an image of another folder between train and test (and the one-source split is the one that
+    format-1 manifests recorded). The classes are the union of the class folders found.
+    """
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-    root = Path(root).resolve()
-    classes, items = discover_labelled(root)
-    by_class: dict[str, list[LabelledImage]] = {c: [] for c in classes}
-    for it in items:
-        by_class[it.label].append(it)
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    sources: list[dict] = []
+    groups: dict[tuple[str, str], list[LabelledImage]] = {}
+    all_classes: set[str] = set()
+    for root in roots:
+        root = Path(root).resolve()
+        if any(Path(s["root"]) == root for s in sources):
+            raise ValueError(f"{root} is given twice")
+        name = source_name(root, {s["name"] for s in sources})
+        sources.append({"name": name, "root": str(root)})
+        classes, items = discover_labelled(root)
+        all_classes.update(classes)
+        for it in items:
+            groups.setdefault((name, it.label), []).append(it)
     rows = []
-    for c in classes:
-        group = sorted(by_class[c], key=lambda it: str(it.path))
+    for (src, c), group in groups.items():
+        root = Path(next(s["root"] for s in sources if s["name"] == src))
+        group = sorted(group, key=lambda it: str(it.path))
         rng = random.Random(f"{seed}:{c}")
         rng.shuffle(group)
         n = len(group)
@@ -39,14 +57,15 @@ def make_split(root: Path, fractions=(0.70, 0.15, 0.15), seed: int = 0) -> dict:
             n_train -= 1
         for i, it in enumerate(group):
             split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-            rows.append({"path": it.path.relative_to(root).as_posix(), "label": c, "split": split})
-    rows.sort(key=lambda r: r["path"])
+            rows.append({"path": it.path.relative_to(root).as_posix(), "label": c, "split": split, "source": src})
+    order = {s["name"]: i for i, s in enumerate(sources)}
+    rows.sort(key=lambda r: (order[r["source"]], r["path"]))
     return {
         "format": FORMAT,
-        "root": str(root),
+        "sources": sources,
         "seed": seed,
         "fractions": dict(zip(SPLITS, fractions)),
-        "classes": classes,
+        "classes": sorted(all_classes),
         "items": rows,
     }
 
@@ -57,19 +76,32 @@ def save_manifest(manifest: dict, path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_manifest(path: Path, root_override: Path | None = None) -> dict:
-    """Load a split file; ``root_override`` points it at data that moved."""
+def load_manifest(path: Path, root_override: "Path | list | None" = None) -> dict:
+    """Load a split file (either format); ``root_override`` points its sources at data that moved."""
     manifest = read_split_manifest(path)
-    if root_override is not None:
-        manifest["root"] = str(Path(root_override).resolve())
+    if root_override:
+        overrides = root_override if isinstance(root_override, (list, tuple)) else [root_override]
+        try:
+            manifest = override_roots(manifest, list(overrides))
+        except ValueError as exc:
+            raise SystemExit(f"error: {path}: {exc}") from None
     return manifest
+
+
+def split_rows(manifest: dict, split: str) -> list[dict]:
+    return [r for r in manifest["items"] if r["split"] == split]
 
 
 def split_items(manifest: dict, split: str) -> list[tuple[Path, int]]:
     """(absolute path, class index) for one split, in manifest order."""
-    root = Path(manifest["root"])
+    roots = source_roots(manifest)
     index = {c: i for i, c in enumerate(manifest["classes"])}
-    return [(root / r["path"], index[r["label"]]) for r in manifest["items"] if r["split"] == split]
+    return [(item_path(manifest, r, roots), index[r["label"]]) for r in split_rows(manifest, split)]
+
+
+def split_sources(manifest: dict, split: str) -> list[str]:
+    """The source of each image of ``split_items(manifest, split)``, same order."""
+    return [r["source"] for r in split_rows(manifest, split)]
 
 
 def split_counts(manifest: dict) -> dict:
@@ -77,3 +109,18 @@ def split_counts(manifest: dict) -> dict:
     for r in manifest["items"]:
         counts[r["split"]][r["label"]] += 1
     return counts
+
+
+def source_class_counts(manifest: dict) -> dict[str, dict[str, dict[str, int]]]:
+    """source -> split -> class -> count (zeros included, so what is missing shows)."""
+    out = {s["name"]: {sp: {c: 0 for c in manifest["classes"]} for sp in SPLITS} for s in manifest["sources"]}
+    for r in manifest["items"]:
+        out[r["source"]][r["split"]][r["label"]] += 1
+    return out
+
+
+def missing_combinations(manifest: dict) -> list[dict]:
+    """(class, source) pairs with no training image: what the model never saw."""
+    counts = source_class_counts(manifest)
+    return [{"source": s, "class": c} for s, per in counts.items() for c in manifest["classes"]
+            if per["train"][c] == 0]
