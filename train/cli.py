@@ -65,6 +65,7 @@ def main(**kw) -> None:
             raise click.UsageError(f"--resume: no last.pt/config.json in {out}")
         saved = json.loads(cfg_file.read_text())
         saved["epochs"] = kw["epochs"]
+        saved["out"] = str(out)  # the folder asked for, also when the run was moved or copied
         saved["split_fractions"] = tuple(saved["split_fractions"])
         cfg = TrainConfig(**saved)
     else:
