@@ -8,12 +8,14 @@ model file (see ``metadata.py``) and both sides call this module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 RESIZE_POLICIES = ("squash", "center_crop", "pad")
+MAX_SIZE = 4096  # pixels per side of the model input
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -49,6 +51,10 @@ class Preprocessing:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {sorted(_INTERPOLATIONS)}")
         if int(self.size) < 8:
             raise ValueError(f"input size {self.size} is too small")
+        if int(self.size) > MAX_SIZE:  # a model file could ask for a 40 GB input tensor
+            raise ValueError(f"input size {self.size} is larger than {MAX_SIZE}")
+        if not (math.isfinite(float(self.mean)) and math.isfinite(float(self.std))):
+            raise ValueError("mean and std must be finite numbers")
         if float(self.std) <= 0:
             raise ValueError("std must be positive")
         if self.channels not in (1, 3):
