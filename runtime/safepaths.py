@@ -60,8 +60,9 @@ def output_name_for(
     input path, then ``suffix`` (e.g. ``".cam.png"``). Two different inputs never share a name;
     the same input always gets the same one. Non-UTF-8 names are hashed by their raw bytes.
     """
-    if not _SUFFIX.fullmatch(suffix) or len(suffix) > SUFFIX_MAX:
-        raise UnsafePathError(f"suffix {suffix!r} must be at most {SUFFIX_MAX} of A-Z a-z 0-9 . _ -")
+    if not _SUFFIX.fullmatch(suffix) or len(suffix) > SUFFIX_MAX or suffix.endswith("."):
+        raise UnsafePathError(f"suffix {suffix!r} must be at most {SUFFIX_MAX} of A-Z a-z 0-9 . _ -, "
+                              "not ending in '.' (Windows drops it)")
     path = os.fsdecode(input_path)  # bytes -> str with surrogate escapes; round-trips exactly
     if not path or "\x00" in path:
         raise UnsafePathError("input path is empty or holds a NUL byte")

@@ -82,7 +82,7 @@ def test_bytes_and_str_paths_agree():
     assert output_name_for(raw) == output_name_for(os.fsdecode(raw))
 
 
-@pytest.mark.parametrize("suffix", ["/x.png", "../x", "a\x00", "x" * 40, ".png\n"])
+@pytest.mark.parametrize("suffix", ["/x.png", "../x", "a\x00", "x" * 40, ".png\n", "..", ".png."])
 def test_bad_suffix_refused(suffix):
     with pytest.raises(UnsafePathError):
         output_name_for("/d/a.png", suffix=suffix)
