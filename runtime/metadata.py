@@ -31,6 +31,9 @@ FORMAT = "cxr-onnx/1"
 PREFIX = "cxr."
 REQUIRED = ("format", "classes", "preprocess")
 JSON_KEYS = frozenset({"classes", "preprocess", "training_data", "metrics", "quantization", "parity"})
+# JSON-valued keys that their own features parse (calibration/triage, input check, heatmaps): a
+# model whose value is not JSON is refused here, at load time, with the others
+FEATURE_JSON_KEYS = frozenset({"calibration", "operating_points", "input_check", "cam"})
 
 
 # A model file from elsewhere may carry anything in its metadata; real cxr models hold ~10 KB.
@@ -105,13 +108,14 @@ def decode_props(raw: dict[str, str]) -> ModelInfo:
         raise ModelMetadataError(f"unsupported model format {props['format']!r} (this runtime reads {FORMAT!r})")
     parsed: dict[str, Any] = {}
     for k, v in props.items():
-        if k in JSON_KEYS:
+        if k in JSON_KEYS or k in FEATURE_JSON_KEYS:
             try:
-                parsed[k] = json.loads(v)
+                value = json.loads(v)
             except json.JSONDecodeError as exc:
                 raise ModelMetadataError(f"metadata {PREFIX}{k} is not valid JSON: {exc}") from None
             except RecursionError:
                 raise ModelMetadataError(f"metadata {PREFIX}{k} is JSON nested too deeply to be real") from None
+            parsed[k] = value if k in JSON_KEYS else v  # feature keys stay strings for their parsers
         else:
             parsed[k] = v
     classes = parsed.pop("classes")

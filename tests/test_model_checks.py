@@ -94,6 +94,8 @@ def test_input_size_not_matching_the_graph(tiny_model_path, tmp_path):
     ("preprocess", json.dumps([32]), "cxr.preprocess is invalid"),
     ("preprocess", json.dumps({"size": "huge"}), "cxr.preprocess is invalid"),
     ("format", "cxr-onnx/999", "unsupported model format"),
+    ("calibration", "{\"temperature\": 1.5", "cxr.calibration is not valid JSON"),
+    ("cam", "[" * 100_000, "cxr.cam is"),
 ])
 def test_garbled_metadata_is_a_clear_error(tiny_model_path, tmp_path, key, value, fragment):
     _refused(_with_props(tiny_model_path, tmp_path / "bad.onnx", **{key: value}), fragment)
