@@ -133,7 +133,7 @@ def decode_props(raw: dict[str, str]) -> ModelInfo:
                                  f"{type(parsed['preprocess']).__name__}")
     try:
         pp = Preprocessing.from_dict(parsed.pop("preprocess"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ModelMetadataError(f"{PREFIX}preprocess is invalid: {exc}") from None
     parsed.pop("format")
     return ModelInfo(

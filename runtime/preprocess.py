@@ -9,6 +9,7 @@ model file (see ``metadata.py``) and both sides call this module.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,6 +46,19 @@ class Preprocessing:
     color: str = field(default="grayscale")
 
     def __post_init__(self) -> None:
+        # the values may come from a model file made elsewhere: types first, then ranges
+        for name in ("size", "channels", "pad_value"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value {self.pad_value} is not an 8-bit grey level (0..255)")
+        if not isinstance(self.resize, str) or not isinstance(self.interpolation, str):
+            raise ValueError("resize and interpolation must be names")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {self.resize!r}; expected one of {RESIZE_POLICIES}")
         if self.interpolation not in _INTERPOLATIONS:
