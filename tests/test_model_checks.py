@@ -252,3 +252,12 @@ def test_loading_a_model_does_not_import_onnx(tiny_model_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_info_does_not_send_metadata_control_sequences_to_the_terminal(tiny_model_path, tmp_path):
+    m = _with_props(tiny_model_path, tmp_path / "esc.onnx", arch="x\x1b]0;owned\x07", intended_use="a\x1b[2Jb",
+                    producer="p\u202eq")
+    r = CliRunner().invoke(cli, ["info", str(m)])
+    assert r.exit_code == 0, r.output
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
+    assert "x\\x1b]0;owned\\x07" in r.stdout and "a\\x1b[2Jb" in r.stdout and "p\\u202eq" in r.stdout
