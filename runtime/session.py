@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .metadata import ModelInfo, ModelMetadataError, decode_props
 from .external_data import ExternalDataError, MalformedModelError, check_external_data
+from .metadata import ModelInfo, ModelMetadataError, decode_props
 
 DEVICES = ("cpu", "cuda", "auto")
 CPU_EP = "CPUExecutionProvider"
