@@ -63,7 +63,9 @@ def child_torch(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t_imported = _now()
-    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    from cxr.train.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(args.checkpoint)  # data only: a checkpoint never runs code
     model = build_model(ck["arch"], **ck["model_kwargs"])
     model.load_state_dict(ck["state_dict"])
     model.eval()

@@ -36,20 +36,16 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- checkpoint
 
 def load_checkpoint(path: "str | os.PathLike[str]") -> dict:
-    """Load and validate a ``cxr-checkpoint/1`` dict (tensors only, no pickled code if possible)."""
-    import torch
+    """Load and validate a ``cxr-checkpoint/1`` dict, as data only (``cxr.train.checkpoint``:
+    a pickle that would run code is refused, never unpickled)."""
+    from cxr.train.checkpoint import CheckpointError
+    from cxr.train.checkpoint import load_checkpoint as load_data_only
 
     p = Path(path)
-    if not p.is_file():
-        raise ExportInputError(f"checkpoint not found: {p}")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # config holding non-tensor objects; our own file, so allow it
-        log(f"checkpoint needs full unpickling ({type(exc).__name__}); loading it with weights_only=False")
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ExportInputError(f"{p} is not a {CHECKPOINT_FORMAT} checkpoint (format: {got!r}); make it with cxr-train")
+        ckpt = load_data_only(p)
+    except CheckpointError as exc:
+        raise ExportInputError(str(exc)) from None
     for key in ("arch", "classes", "preprocess", "state_dict", "model_kwargs"):
         if key not in ckpt:
             raise ExportInputError(f"checkpoint {p} lacks {key!r}")

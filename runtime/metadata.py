@@ -31,6 +31,16 @@ FORMAT = "cxr-onnx/1"
 PREFIX = "cxr."
 REQUIRED = ("format", "classes", "preprocess")
 JSON_KEYS = frozenset({"classes", "preprocess", "training_data", "metrics", "quantization", "parity"})
+# JSON-valued keys that their own features parse (calibration/triage, input check, heatmaps): a
+# model whose value is not JSON is refused here, at load time, with the others
+FEATURE_JSON_KEYS = frozenset({"calibration", "operating_points", "input_check", "cam"})
+
+
+# A model file from elsewhere may carry anything in its metadata; real cxr models hold ~10 KB.
+MAX_VALUE_BYTES = 1 << 20  # one metadata value
+MAX_TOTAL_BYTES = 4 << 20  # all of them together
+MAX_CLASS_NAME = 200  # characters; names become CSV columns, table headers and HTML text
+_CONTROL = frozenset(chr(c) for c in range(32)) | {"\x7f"}
 
 
 class ModelMetadataError(ValueError):
@@ -71,8 +81,22 @@ def encode_props(props: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def check_sizes(raw: dict[str, str]) -> None:
+    """Refuse absurdly large metadata before parsing any of it (JSON parsing is not free)."""
+    total = 0
+    for k, v in raw.items():
+        n = len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+        if n > MAX_VALUE_BYTES:
+            raise ModelMetadataError(f"metadata {k[:80]!r} is {n} bytes; at most {MAX_VALUE_BYTES} are accepted")
+        total += n
+    if total > MAX_TOTAL_BYTES:
+        raise ModelMetadataError(f"metadata holds {total} bytes in {len(raw)} entries; "
+                                 f"at most {MAX_TOTAL_BYTES} are accepted")
+
+
 def decode_props(raw: dict[str, str]) -> ModelInfo:
     """Parse ``cxr.*`` metadata_props into a ModelInfo, with errors that say what is wrong."""
+    check_sizes(raw)
     props = {k[len(PREFIX):]: v for k, v in raw.items() if k.startswith(PREFIX)}
     missing = [k for k in REQUIRED if k not in props]
     if missing:
@@ -84,11 +108,14 @@ def decode_props(raw: dict[str, str]) -> ModelInfo:
         raise ModelMetadataError(f"unsupported model format {props['format']!r} (this runtime reads {FORMAT!r})")
     parsed: dict[str, Any] = {}
     for k, v in props.items():
-        if k in JSON_KEYS:
+        if k in JSON_KEYS or k in FEATURE_JSON_KEYS:
             try:
-                parsed[k] = json.loads(v)
+                value = json.loads(v)
             except json.JSONDecodeError as exc:
                 raise ModelMetadataError(f"metadata {PREFIX}{k} is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ModelMetadataError(f"metadata {PREFIX}{k} is JSON nested too deeply to be real") from None
+            parsed[k] = value if k in JSON_KEYS else v  # feature keys stay strings for their parsers
         else:
             parsed[k] = v
     classes = parsed.pop("classes")
@@ -96,9 +123,17 @@ def decode_props(raw: dict[str, str]) -> ModelInfo:
         raise ModelMetadataError(f"{PREFIX}classes must be a non-empty list of names, got {classes!r}")
     if len(set(classes)) != len(classes):
         raise ModelMetadataError(f"{PREFIX}classes has duplicates: {classes}")
+    for c in classes:
+        if len(c) > MAX_CLASS_NAME or any(ch in _CONTROL for ch in c) or c != c.strip():
+            raise ModelMetadataError(
+                f"{PREFIX}classes: {c[:60]!r}{'...' if len(c) > 60 else ''} is not a class name (at most "
+                f"{MAX_CLASS_NAME} characters, no control characters, no leading or trailing spaces)")
+    if not isinstance(parsed["preprocess"], dict):
+        raise ModelMetadataError(f"{PREFIX}preprocess is invalid: expected a JSON object, got "
+                                 f"{type(parsed['preprocess']).__name__}")
     try:
         pp = Preprocessing.from_dict(parsed.pop("preprocess"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ModelMetadataError(f"{PREFIX}preprocess is invalid: {exc}") from None
     parsed.pop("format")
     return ModelInfo(

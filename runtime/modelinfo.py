@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .session import Model
+from .terminal_text import printable
 
 
 def sha256_file(path: "str | os.PathLike[str]", chunk: int = 1 << 20) -> str:
@@ -62,11 +63,11 @@ def format_description(d: dict[str, Any]) -> str:
     size_mb = d["size_bytes"] / 1e6
     inp, out = d["input"], d["output"]
     lines = [
-        f"file           {d['file']}",
+        f"file           {printable(d['file'])}",
         f"size           {d['size_bytes']} bytes ({size_mb:.2f} MB)",
         f"sha256         {d['sha256']}",
-        f"arch           {d['arch']}",
-        f"precision      {d['precision']}",
+        f"arch           {printable(str(d['arch']))}",
+        f"precision      {printable(str(d['precision']))}",
         f"classes        {', '.join(d['classes'])}",
         f"input          {inp['name']} {inp['type']} {inp['shape']}",
         f"output         {out['name']} {out['type']} {out['shape']}",
@@ -74,7 +75,7 @@ def format_description(d: dict[str, Any]) -> str:
     ]
     for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
         if d.get(key):
-            lines.append(f"{key:<14} {d[key]}")
+            lines.append(f"{key:<14} {printable(str(d[key]))}")  # from the model file: no terminal escapes
     for key in ("training_data", "metrics", "quantization", "parity", "other_metadata"):
         value = d.get(key)
         if value in (None, {}, []):

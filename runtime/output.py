@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import numbers
 import sys
 import time
 from typing import IO, Any
 
+from .csv_formula import guard_cell
 from .engine import ScanResult, ScanStats
+from .terminal_text import printable
 
 FORMATS = ("table", "csv", "jsonl", "json")
 PROB_DECIMALS = 6
@@ -69,18 +72,24 @@ def _csv_cell(v: Any) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:.{PROB_DECIMALS}f}"
-    return str(v)
+    if isinstance(v, numbers.Number):  # int, bool, numpy scalars: ours, not text from outside
+        return str(v)
+    return guard_cell(str(v))  # text from outside: never a spreadsheet formula
 
 
 class CsvWriter(Writer):
     def __init__(self, stream, classes):
         super().__init__(stream, classes)
         self._csv = csv.writer(stream, lineterminator="\n")
-        self._csv.writerow(self.columns)
+        # csv quotes a field holding the line terminator ("\n") but not a lone "\r", which
+        # readers take as a line break: a row with a "\r" in a file name is quoted in full
+        self._csv_quote_all = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        self._csv.writerow([guard_cell(c) for c in self.columns])  # class names come from the model file
         stream.flush()
 
     def _write(self, rec):
-        self._csv.writerow([_csv_cell(rec[c]) for c in self.columns])
+        cells = [_csv_cell(rec[c]) for c in self.columns]
+        (self._csv_quote_all if any("\r" in c for c in cells) else self._csv).writerow(cells)
 
 
 class JsonlWriter(Writer):
@@ -121,10 +130,10 @@ class TableWriter(Writer):
         if rec["status"] == "ok":
             cells = [f"{rec['prediction']:<{self._w}}", f"{rec['confidence']:>6.3f}"]
             cells += [f"{rec[f'p_{c}']:>{w}.3f}" for c, w in zip(self.classes, self._pw)]
-            self.stream.write("  ".join(cells + [rec["path"]]) + "\n")
+            self.stream.write("  ".join(cells + [printable(rec["path"])]) + "\n")
         else:
             cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw]
-            self.stream.write("  ".join(cells + [f"{rec['path']}  ({rec['error']})"]) + "\n")
+            self.stream.write("  ".join(cells + [printable(f"{rec['path']}  ({rec['error']})")]) + "\n")
 
 
 _WRITERS = {"csv": CsvWriter, "jsonl": JsonlWriter, "json": JsonWriter, "table": TableWriter}

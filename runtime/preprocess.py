@@ -8,12 +8,15 @@ model file (see ``metadata.py``) and both sides call this module.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
 RESIZE_POLICIES = ("squash", "center_crop", "pad")
+MAX_SIZE = 4096  # pixels per side of the model input
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -43,12 +46,29 @@ class Preprocessing:
     color: str = field(default="grayscale")
 
     def __post_init__(self) -> None:
+        # the values may come from a model file made elsewhere: types first, then ranges
+        for name in ("size", "channels", "pad_value"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value {self.pad_value} is not an 8-bit grey level (0..255)")
+        if not isinstance(self.resize, str) or not isinstance(self.interpolation, str):
+            raise ValueError("resize and interpolation must be names")
         if self.resize not in RESIZE_POLICIES:
             raise ValueError(f"unknown resize policy {self.resize!r}; expected one of {RESIZE_POLICIES}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of {sorted(_INTERPOLATIONS)}")
         if int(self.size) < 8:
             raise ValueError(f"input size {self.size} is too small")
+        if int(self.size) > MAX_SIZE:  # a model file could ask for a 40 GB input tensor
+            raise ValueError(f"input size {self.size} is larger than {MAX_SIZE}")
+        if not (math.isfinite(float(self.mean)) and math.isfinite(float(self.std))):
+            raise ValueError("mean and std must be finite numbers")
         if float(self.std) <= 0:
             raise ValueError("std must be positive")
         if self.channels not in (1, 3):

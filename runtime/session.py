@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .external_data import ExternalDataError, MalformedModelError, check_external_data
 from .metadata import ModelInfo, ModelMetadataError, decode_props
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -160,7 +161,26 @@ def _check_io(path: Path, session, info: ModelInfo) -> tuple[str, str, int | Non
         out = outputs[0]
     else:
         raise ModelLoadError(f"{path}: no output named {info.output!r} among {outputs}")
+    out_shape = next(o for o in session.get_outputs() if o.name == out).shape  # None: rank unknown
+    if out_shape is not None and (len(out_shape) != 2 or (isinstance(out_shape[1], int)
+                                                           and out_shape[1] != len(info.classes))):
+        raise ModelLoadError(
+            f"{path}: output {out!r} has shape {out_shape}, but metadata lists {len(info.classes)} classes "
+            f"({', '.join(info.classes)}); expected [N, {len(info.classes)}]"
+        )
     return inp.name, out, max_batch
+
+
+def _check_model_file(path: Path) -> None:
+    """Refuse, before onnxruntime reads it, a file whose external data lies outside its folder."""
+    try:
+        check_external_data(path)
+    except MalformedModelError as exc:
+        raise ModelLoadError(f"{path}: not a loadable ONNX model: malformed protobuf ({exc})") from None
+    except ExternalDataError as exc:
+        raise ModelLoadError(f"{path}: refused: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read the model file: {exc.strerror or exc}") from None
 
 
 def load_model(
@@ -182,6 +202,7 @@ def load_model(
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}" if not path.exists() else f"not a file: {path}")
     providers = resolve_providers(device)
+    _check_model_file(path)
     t1 = time.perf_counter()
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=_session_options(threads), providers=providers)

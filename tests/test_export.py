@@ -285,7 +285,7 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path):
 def test_manifest_check_knows_the_split_a_checkpoint_was_tested_on(run, tmp_path):
     """Trained on a packed copy, tested on the originals: the originals' manifest is expected, others warned about."""
     ckpt_path, _ = run
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     real_sha = hashlib.sha256((ckpt_path.parent / "split.json").read_bytes()).hexdigest()
     ck["training_data"] = {**ck["training_data"], "manifest_sha256": "0" * 64}  # trained on another manifest
     outputs = {}

@@ -123,7 +123,7 @@ def test_training_learns_writes_everything_and_never_touches_test_before_the_end
     assert 0.0 <= report["ece"] <= 1.0
     assert "acquisition_shift" in report and "accuracy_drop_points" in report["acquisition_shift"]
 
-    ck = torch.load(out / "best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
     assert ck["format"] == "cxr-checkpoint/1"
     assert ck["classes"] == sorted(CLASSES)
     assert ck["preprocess"]["size"] == 32
@@ -160,8 +160,8 @@ def test_resume_continues_where_it_stopped(tiny_dataset, tmp_path, monkeypatch):
     assert "[resume]" in res.output and "at epoch 2" in res.output
     hist = json.loads((resumed / "metrics.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    a = torch.load(straight / "last.pt", weights_only=False)["state_dict"]
-    b = torch.load(resumed / "last.pt", weights_only=False)["state_dict"]
+    a = torch.load(straight / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed / "last.pt", weights_only=True)["state_dict"]
     for k in a:  # same seeds per epoch, same schedule: resuming changes nothing
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
@@ -341,7 +341,7 @@ def test_pack_split_then_train_on_the_copy_and_test_on_the_originals(tiny_datase
     assert report["sources"] == original["sources"]
     printed = [line for line in res.output.splitlines() if line.startswith("{")]
     assert json.loads(printed[-1])["accuracy"] == report["accuracy"]
-    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     assert ck["test_metrics"]["manifest"] == report["manifest"]
 
 

@@ -71,8 +71,10 @@ def main(**kw) -> None:
         cfg_file = out / "config.json"
         if not (out / "last.pt").is_file() or not cfg_file.is_file():
             raise click.UsageError(f"--resume: no last.pt/config.json in {out}")
+        _refuse_unsafe_checkpoint(out / "last.pt", "cannot resume: ")  # now, not after decoding the data
         saved = json.loads(cfg_file.read_text())
         saved["epochs"] = kw["epochs"]
+        saved["out"] = str(out)  # the folder asked for, also when the run was moved or copied
         saved["split_fractions"] = tuple(saved["split_fractions"])
         cfg = TrainConfig(**saved)
     else:
@@ -96,6 +98,15 @@ def main(**kw) -> None:
     report = run(cfg)
     if report:
         print(json.dumps({k: report[k] for k in ("accuracy", "macro_f1") if k in report}), file=sys.stdout)
+
+
+def _refuse_unsafe_checkpoint(path: Path, context: str) -> None:
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        load_checkpoint(path)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {context}{exc}") from None
 
 
 def _test_only(out: Path, kw: dict) -> None:

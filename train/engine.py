@@ -28,6 +28,7 @@ from cxr.runtime.preprocess import Preprocessing
 from . import distributed as D
 from .augment import AugmentConfig, augment_batch, normalize_tensor
 from .cache import decode_all
+from .checkpoint import CheckpointError, load_checkpoint, to_plain
 from .evaluate import predict_probs, test_report
 from .models import build_model, count_parameters, load_pretrained
 from .split import (load_manifest, make_split, missing_combinations, save_manifest, source_class_counts, split_counts,
@@ -250,7 +251,10 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
     best_f1, bad_epochs, start_epoch = -1.0, 0, 0
     last_path, best_path = out / "last.pt", out / "best.pt"
     if last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=False)
+        try:
+            state = load_checkpoint(last_path, map_location=device)  # data only, never code
+        except CheckpointError as exc:
+            raise SystemExit(f"error: cannot resume: {exc}") from None
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -305,7 +309,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
         }
         if extra:
             ck.update(extra)
-        return ck
+        return to_plain(ck)  # loadable with weights_only=True
 
     net = model
     if info.enabled:
@@ -431,7 +435,10 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
     best_path = out / "best.pt"
     if not best_path.is_file():
         raise SystemExit(f"error: no best.pt in {out}")
-    ck = torch.load(best_path, map_location="cpu", weights_only=False)
+    try:
+        ck = load_checkpoint(best_path)  # data only, never code
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
     pp = Preprocessing.from_dict(ck["preprocess"])
     manifest_path = Path(manifest_path) if manifest_path else out / "split.json"
     manifest = load_manifest(manifest_path, data_root)
@@ -471,7 +478,7 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
         report["mean_epoch_seconds"] = float(np.mean(secs)) if secs else None
     (out / "test_report.json").write_text(json.dumps(report, indent=2))
     ck["test_metrics"] = report
-    torch.save(ck, best_path.with_suffix(".tmp"))
+    torch.save(to_plain(ck), best_path.with_suffix(".tmp"))
     os.replace(best_path.with_suffix(".tmp"), best_path)
     try:
         from .plots import plot_confusion
