@@ -477,7 +477,7 @@ def run_bench(
         del model  # free the session before the next one
     return {
         "format": FORMAT,
-        "data": ", ".join(map(os.fspath, data_dirs)) if data_dirs else os.fspath(split),
+        "data": ", ".join(map(os.fspath, data_dirs)) if data_dirs else "sources " + ", ".join(sources),
         "sources": sources,
         "images_per_source": dict(Counter(it.source for it in items)),
         "folder_classes": folder_classes,
