@@ -12,8 +12,12 @@ import numpy as np  # noqa: E402
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, accuracy, macro-F1; and, when the run recorded them, the validation sensitivity of
+    every (source, class) group, since a pooled curve can rise while one source falls."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    groups = list(dict.fromkeys(g for h in history for g in (h["val"].get("group_sensitivity") or {})))
+    panels = 4 if len(groups) > 1 else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8 if panels == 3 else 4.6))
     for ax, key, title in zip(axes, ("loss", "accuracy", "macro_f1"), ("loss", "accuracy", "macro-F1")):
         ax.plot(epochs, [h["train"][key] for h in history], "o-", label="train")
         ax.plot(epochs, [h["val"][key] for h in history], "s-", label="val")
@@ -21,6 +25,16 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    if panels == 4:
+        ax = axes[3]
+        for g in groups:
+            pts = [(h["epoch"], h["val"]["group_sensitivity"][g]) for h in history
+                   if g in (h["val"].get("group_sensitivity") or {})]
+            ax.plot(*zip(*pts), "o-", label=g, markersize=4)
+        ax.set_title("val sensitivity by (source, class)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
