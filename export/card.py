@@ -16,6 +16,8 @@ import onnx
 
 from cxr.runtime.metadata import decode_props
 
+from .triage_card import card_lines, probability_note
+
 DATABASE_CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 CITATIONS = [
     "M. E. H. Chowdhury et al., \"Can AI help in screening viral and COVID-19 pneumonia?\", "
@@ -109,7 +111,7 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
     L += ["- A research and triage aid, **not a diagnosis**: every output needs review by a qualified reader.",
           f"- It knows exactly {len(classes)} classes ({', '.join(classes)}) and always answers with one of "
           "them; findings outside these classes (other diseases, devices, non-chest images) are not detected.",
-          "- Probabilities are softmax scores, not calibrated clinical risk; no operating threshold was validated."]
+          probability_note(x)]
     if db:
         if "Lung_Opacity" not in classes:
             L.append("- The training data had no Lung_Opacity images (the database's fourth class): "
@@ -194,6 +196,8 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
                      f"VNNI {'yes' if cpu.get('vnni') else 'no'}); expect different numbers elsewhere.")
     if not tm and not rows:
         L.append("No metrics recorded in this file.")
+
+    L += card_lines(x)
 
     L += ["", "## Export checks", ""]
     fp32_par = parity.get("fp32", parity) if isinstance(parity, dict) else {}

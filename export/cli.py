@@ -30,6 +30,7 @@ from .data import (ExportInputError, find_manifest, folder_items, load_checkpoin
 from .evaluate import (agreement, classification_metrics, measure_speed, ort_runner, ort_session,
                        run_batched, torch_runner)
 from .report import REPORT_FORMAT, int8_candidates_table, metadata_summary, table, write_json
+from .triage_step import TriageStep
 
 EXIT_INPUT, EXIT_PARITY, EXIT_INT8 = 1, 3, 4
 
@@ -165,6 +166,14 @@ def _pct(x) -> str:
 @click.option("--intended-use", default=None, help="Intended-use statement for the metadata and card.")
 @click.option("--train-command", default=None, help="The cxr-train command that made the checkpoint (for the card).")
 @click.option("--seed", default=0, type=int, help="Seed for the stratified image subsets.")
+@click.option("--calibrate/--no-calibrate", default=True,
+              help="Fit a temperature on the validation split and bake it into the graph; record "
+                   "refer/routine operating points (docs/triage.md).")
+@click.option("--calibration-limit", default=0, type=click.IntRange(min=0),
+              help="Validation images for the temperature and operating points (stratified); 0 = all.")
+@click.option("--triage-target", default=0.98, type=click.FloatRange(0, 1, min_open=True),
+              help="Default operating point: the highest threshold keeping validation sensitivity to "
+                   "abnormal films at least this.")
 @click.pass_context
 def main(ctx: click.Context, **opts) -> None:
     """Export a cxr-train CHECKPOINT to ONNX with a parity proof, optionally also int8."""
@@ -189,7 +198,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
                parity_min_agreement: float, exporter: str, opset: int | None, int8_scheme: str,
                calib_count: int, val_limit: int, int8_max_drop: float, int8_min_agreement: float,
                keep_float: tuple[str, ...], keep_float_node: tuple[str, ...], bench: bool, bench_runs: int,
-               card: bool, intended_use: str | None, train_command: str | None, seed: int) -> int:
+               card: bool, intended_use: str | None, train_command: str | None, seed: int,
+               calibrate: bool = True, calibration_limit: int = 0, triage_target: float = 0.98) -> int:
     t_start = time.perf_counter()
     if not out.name.endswith(".onnx"):
         raise ExportInputError(f"--out must end in .onnx, got {out}")
@@ -246,6 +256,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         items = [items[i] for i in idx]
     log(f"loading {len(items)} eval images ({source})")
     ev = load_images(source, items, classes, pp, None if images is not None else man.source_of)
+    step = TriageStep.prepare(model, man, classes, pp, seed, calibration_limit, triage_target) if calibrate else None
+    temperature = step.temperature if step else None
 
     # ---------------------------------------------------------------- fp32 export + parity
     partial = Path(str(out) + ".partial")
@@ -267,7 +279,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     try:
         log(f"exporting fp32 ONNX ({exporter})")
         t0 = time.perf_counter()
-        export_info = onnx_export.export_fp32(model, (pp.channels, pp.size, pp.size), partial, exporter, opset)
+        export_info = onnx_export.export_fp32(model, (pp.channels, pp.size, pp.size), partial, exporter, opset,
+                                              temperature=temperature)
         log(f"exported in {time.perf_counter() - t0:.1f}s: opset {export_info['opset']}; checker and shape inference passed")
         import onnx
 
@@ -275,12 +288,12 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         report["export"] = export_info
 
         log("parity: running PyTorch and onnxruntime on the eval images")
-        torch_run = torch_runner(model)
+        torch_run = torch_runner(model, temperature)
         sess = ort_session(partial)
         onnx_run = ort_runner(sess)
         p_torch = run_batched(torch_run, ev.x)
         p_onnx = run_batched(onnx_run, ev.x)
-        par = parity_mod.compare(p_torch, p_onnx, source, parity_atol, parity_min_agreement / 100.0)
+        par = parity_mod.compare(p_torch, p_onnx, source, parity_atol, parity_min_agreement / 100.0, temperature)
         report["parity"] = par.to_dict()
         parity_mod.require(par)
         log("fp32 parity passed: " + par.describe())
@@ -294,6 +307,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
             report["models"][key] = entry
         report["models"]["pytorch"]["size_bytes"] = checkpoint.stat().st_size
         report["models"]["pytorch"]["agreement_vs_pytorch"] = None
+        if step:
+            report.update(step.fp32(model, onnx_run, ev, _sibling(out, ".reliability.png")))
         del sess
 
         train_data = dict(ckpt.get("training_data") or {})
@@ -319,6 +334,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
             "metrics": {"training": training_metrics, "export": metadata_summary(report)},
             "parity": report["parity"],
             "reproduce": json.dumps(reproduce, sort_keys=True, default=str),
+            **(step.fp32_metadata() if step else {}),
         }
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
@@ -333,7 +349,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         refused = _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes,
                                calib_count, val_limit, int8_max_drop, int8_min_agreement, keep_float,
                                keep_float_node, bench, bench_runs, seed, checkpoint, base_extra,
-                               training_metrics, reproduce, card)
+                               training_metrics, reproduce, card, step)
 
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report_path = _sibling(out, ".report.json")
@@ -347,7 +363,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
 
 def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes, calib_count,
                  val_limit, max_drop, min_agreement, keep_float, keep_float_node, bench, bench_runs, seed,
-                 checkpoint, base_extra, training_metrics, reproduce, card) -> str | None:
+                 checkpoint, base_extra, training_metrics, reproduce, card, step=None) -> str | None:
     """Search/build the int8 model; returns a refusal message, or None once FILE.int8.onnx exists."""
     train_items, val_items = man.split("train"), man.split("val")
     if not train_items or not val_items:
@@ -438,6 +454,7 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 "parity": {"fp32": report["parity"], "int8_vs_fp32": quant_meta["eval"]},
                 "quantization": quant_meta,
                 "reproduce": json.dumps(rep, sort_keys=True, default=str),
+                **(step.int8(run, p8, ev, report) if step else {}),
             }
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)

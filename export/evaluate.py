@@ -75,15 +75,19 @@ def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
-def torch_runner(model) -> Callable[[np.ndarray], np.ndarray]:
-    """PyTorch reference: eval mode, no grad, softmax over the logits (what the graph appends)."""
+def torch_runner(model, temperature: float | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """PyTorch reference: eval mode, no grad, softmax over the logits (divided by the calibration
+    ``temperature`` when given), which is what the graph appends."""
     import torch
 
     model.eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))), dim=1).numpy()
+            logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            if temperature is not None:
+                logits = logits / temperature
+            return torch.softmax(logits, dim=1).numpy()
 
     return run
 

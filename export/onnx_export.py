@@ -22,8 +22,13 @@ OUTPUT_NAME = "probabilities"
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
 
 
-def _with_softmax(model):
+def _with_softmax(model, temperature: float | None = None):
+    """``temperature``: calibration (export/temperature.py), one Div before the softmax; T > 0
+    scales every logit of an image alike, so the top-1 class cannot change."""
     import torch
+
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
     class WithSoftmax(torch.nn.Module):
         """Logits -> probabilities, so every consumer of the file gets the same numbers."""
@@ -33,20 +38,24 @@ def _with_softmax(model):
             self.net = net
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(self.net(image), dim=1)
+            logits = self.net(image)
+            if temperature is not None:
+                logits = logits / temperature
+            return torch.softmax(logits, dim=1)
 
     return WithSoftmax(model).eval()
 
 
 def export_fp32(model, input_shape: tuple[int, int, int], path: "str | os.PathLike[str]",
-                exporter: str = "dynamo", opset: int | None = None) -> dict:
-    """Write ``path`` (a single file, weights inline); returns what was used, for the report."""
+                exporter: str = "dynamo", opset: int | None = None, temperature: float | None = None) -> dict:
+    """Write ``path`` (a single file, weights inline); returns what was used, for the report.
+    ``temperature``: divide the logits by it before the softmax (None: plain softmax)."""
     import torch
 
     if exporter not in DEFAULT_OPSET:
         raise ValueError(f"unknown exporter {exporter!r}")
     opset = opset or DEFAULT_OPSET[exporter]
-    wrapped = _with_softmax(model)
+    wrapped = _with_softmax(model, temperature)
     # batch 2 so no exporter specialises the batch dimension to 1
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     path = str(path)

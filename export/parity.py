@@ -23,6 +23,7 @@ class Parity:
     top1_agreement: float
     tolerance_max_abs_diff: float
     required_agreement: float
+    temperature: float | None = None  # the calibrated outputs were compared (None: plain softmax)
 
     @property
     def passed(self) -> bool:
@@ -39,12 +40,12 @@ class Parity:
 
 
 def compare(torch_probs: np.ndarray, onnx_probs: np.ndarray, source: str,
-            atol: float = 1e-4, min_agreement: float = 1.0) -> Parity:
+            atol: float = 1e-4, min_agreement: float = 1.0, temperature: float | None = None) -> Parity:
     if torch_probs.shape != onnx_probs.shape:
         raise ParityError(f"output shapes differ: PyTorch {torch_probs.shape} vs ONNX {onnx_probs.shape}")
     d = prob_diff(torch_probs, onnx_probs)
     return Parity(len(torch_probs), source, d["max_abs_diff"], d["mean_abs_diff"],
-                  agreement(torch_probs, onnx_probs), atol, min_agreement)
+                  agreement(torch_probs, onnx_probs), atol, min_agreement, temperature)
 
 
 def require(parity: Parity) -> None:

@@ -158,8 +158,12 @@ class Int8Builder:
         names = {n.name for n in pre.graph.node}
         self.keep_float = find_keep_float_nodes(pre, list(keep_float))
         # the output softmax stays float: quantized probabilities would move in steps of 1/255
+        softmax_inputs = {i for n in pre.graph.node if n.op_type == "Softmax" for i in n.input}
         for n in pre.graph.node:
             if n.op_type == "Softmax" and n.name:
+                self.keep_float[n.name] = n.op_type
+            # so does the calibration temperature's Div feeding it (one scalar division)
+            if n.op_type == "Div" and n.name and set(n.output) & softmax_inputs:
                 self.keep_float[n.name] = n.op_type
         for n in keep_float_nodes:
             if n not in names:

@@ -106,6 +106,9 @@ def table(report: dict) -> str:
                 out.append(f"int8 note: {q['note']}")
         else:
             out.append(f"int8: {q.get('status', '').upper()} -- {q.get('message', '')}")
+    from .triage_step import report_lines
+
+    out += report_lines(report)
     busy = ""
     if cpu.get("load_avg_1min") is not None and cpu.get("cores") and cpu["load_avg_1min"] > 0.5 * cpu["cores"]:
         busy = f"; machine busy (load {cpu['load_avg_1min']}): timings are pessimistic"

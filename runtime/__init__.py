@@ -20,6 +20,7 @@ _EXPORTS = {
     "ModelLoadError": "session",
     "ImageReadError": "imageio",
     "load_image": "imageio",
+    "TriageUnavailable": "triage",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -6,7 +6,7 @@ Load once, classify many times; the CLI runs the very same engine, so results ar
 
     clf = Classifier.load("model.onnx")          # or Classifier.load() for the shipped model
     p = clf.classify("patient1.png")              # a path, a PIL image or a numpy array
-    print(p.label, p.confidence, p.probabilities)
+    print(p.label, p.confidence, p.probabilities, p.triage)   # triage: "refer"/"routine"
     for r in clf.scan(["/data/xrays"]):           # folders recursively; one result per file
         print(r.path, r.status, r.prediction.label if r.ok else r.error)
 """
@@ -24,15 +24,22 @@ from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, defau
 from .imageio import load_image, to_gray8
 from .preprocess import Preprocessing, preprocess
 from .session import Model, load_model
+from . import triage as triage_mod
 
 
 class Classifier:
     """A loaded cxr model plus the scan engine. Create with ``Classifier.load``."""
 
-    def __init__(self, model: Model, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None):
+    def __init__(self, model: Model, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
+                 sensitivity: float | None = None):
         self.model = model
         self.batch_size = batch_size
         self.workers = workers
+        # the refer/routine operating point; None (with triage_note saying why) when the model has none
+        if sensitivity is None:
+            self.triage_policy, self.triage_note = triage_mod.default_policy(model.info)
+        else:  # asked for a point: raise TriageUnavailable rather than silently not triaging
+            self.triage_policy, self.triage_note = triage_mod.policy_for(model.info, sensitivity), None
 
     @classmethod
     def load(
@@ -43,16 +50,20 @@ class Classifier:
         precision: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int | None = None,
+        sensitivity: float | None = None,
     ) -> "Classifier":
         """Open ``path`` (default: the shipped model, ``precision`` "fp32"/"int8" choosing which).
 
         ``device``: "cpu", "cuda" or "auto". Raises ``ModelLoadError`` when the model cannot be used.
+        ``sensitivity``: triage at the highest threshold whose validation sensitivity reaches it
+        (default: the model's stored point); ``TriageUnavailable`` when the model cannot.
 
         >>> clf = Classifier.load("model.onnx", threads=2)  # doctest: +SKIP
         """
         if threads is None:
             threads = default_threads(device, workers)
-        return cls(load_model(path, device=device, threads=threads, precision=precision), batch_size, workers)
+        return cls(load_model(path, device=device, threads=threads, precision=precision), batch_size, workers,
+                   sensitivity)
 
     @property
     def classes(self) -> list[str]:
@@ -78,12 +89,13 @@ class Classifier:
         'Normal'
         """
         probs = self.model.run(self._tensor(x)[None])[0]
-        return to_prediction(probs, self.model.classes)
+        pred = to_prediction(probs, self.model.classes)
+        return triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
 
     def classify_many(self, paths: "Iterable[str | os.PathLike[str]]") -> list[ScanResult]:
         """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order."""
         return list(iter_scan(self.model, [os.fspath(p) for p in paths],
-                              batch_size=self.batch_size, workers=self.workers))
+                              batch_size=self.batch_size, workers=self.workers, triage=self.triage_policy))
 
     def scan(
         self, paths_or_dirs: "Iterable[str | os.PathLike[str]] | str | os.PathLike[str]",
@@ -99,4 +111,4 @@ class Classifier:
         if isinstance(paths_or_dirs, (str, os.PathLike)):
             paths_or_dirs = [paths_or_dirs]
         return iter_scan(self.model, iter_inputs(paths_or_dirs), batch_size=self.batch_size,
-                         workers=self.workers, stats=stats)
+                         workers=self.workers, stats=stats, triage=self.triage_policy)

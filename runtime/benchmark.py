@@ -39,6 +39,7 @@ from .engine import DEFAULT_BATCH_SIZE, default_threads, default_workers, prepar
 from .latency import percentiles_ms
 from .metrics import classification_report, format_per_source, per_source_report
 from .session import Model, ModelLoadError, load_model
+from .triage_bench import TriageUnavailable, bench_triage, bench_triage_policy, format_bench_triage
 
 FORMAT = "cxr-bench/1"
 DEFAULT_RUNS = 100  # timed batch-1 inferences per model
@@ -270,6 +271,7 @@ def bench_model(
     workers: int | None = None,
     runs: int = DEFAULT_RUNS,
     log: Callable[[str], None] = lambda s: None,
+    sensitivity: float | None = None,
 ) -> tuple[dict[str, Any], list[str | None]]:
     """Scan ``items`` with ``model`` and time it; returns (row, predicted label per item or None)."""
     classes = list(model.classes)
@@ -293,7 +295,8 @@ def bench_model(
     decode = time_decode(paths, pp, os.cpu_count() or 1)
 
     log(f"  scan: {len(paths)} images, batch {scan_batch}, {workers} decode workers")
-    results, stats = scan_files(model, paths, batch_size=scan_batch, workers=workers)
+    policy, no_triage = bench_triage_policy(model, sensitivity)
+    results, stats = scan_files(model, paths, batch_size=scan_batch, workers=workers, triage=policy)
     if len(results) != len(paths):  # the engine promises one result per file; say so loudly if not
         raise RuntimeError(f"scan returned {len(results)} results for {len(paths)} files")
 
@@ -406,6 +409,7 @@ def bench_model(
         "agreement": None,
         "notes": notes + list(model.notes),
     }
+    row["triage"] = bench_triage(policy, no_triage, items, results)
     return row, predicted
 
 
@@ -433,6 +437,7 @@ def run_bench(
     split: "str | os.PathLike[str] | None" = None,
     subset: str = "test",
     log: Callable[[str], None] = lambda s: None,
+    sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """Benchmark ``model_paths`` (default: the shipped fp32 + int8) on a labelled folder, or on
     the ``subset`` of a split manifest resolved against it.
@@ -468,7 +473,8 @@ def run_bench(
     for i, p in enumerate(paths):
         log(f"[{i + 1}/{len(paths)}] {p}")
         model = load_model(p, device=device, threads=threads)
-        row, predicted = bench_model(model, items, batch_size=batch_size, workers=workers, runs=runs, log=log)
+        row, predicted = bench_model(model, items, batch_size=batch_size, workers=workers, runs=runs, log=log,
+                                     sensitivity=sensitivity)
         if reference is None:
             reference = predicted
         else:
@@ -588,6 +594,7 @@ def format_summary(result: dict[str, Any]) -> str:
         for ex in r["error_examples"]:
             out.append(f"unreadable: {ex['path']}: {ex['error']}")
         out += [f"note: {note}" for note in r["notes"]]
+        out.append(format_bench_triage(r.get("triage")))
     out += ["", f"How close to the limit (batch {batch}): each stage alone, the best a scan could do "
             "with both, and the scan:"]
     for r in rows:
@@ -618,7 +625,8 @@ def write_json(result: dict[str, Any], path: "str | os.PathLike[str]") -> None:
 
 
 def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_BATCH_SIZE, threads=None,
-                  device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS, split=None, subset="test") -> int:
+                  device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS, split=None, subset="test",
+                  sensitivity=None) -> int:
     """What ``cxr-infer bench`` does; returns the exit status (0 ok, 1 some files unreadable, 2 bad input)."""
     import click
 
@@ -634,8 +642,9 @@ def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_B
 
     try:
         result = run_bench(data_dir, model_paths, batch_size=batch_size, threads=threads, device=device,
-                           limit=limit, workers=workers, runs=runs, split=split, subset=subset, log=log)
-    except (BenchError, ModelLoadError) as exc:
+                           limit=limit, workers=workers, runs=runs, split=split, subset=subset, log=log,
+                           sensitivity=sensitivity)
+    except (BenchError, ModelLoadError, TriageUnavailable) as exc:
         click.echo(f"error: {exc}", err=True)
         return 2
     except KeyboardInterrupt:

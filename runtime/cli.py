@@ -83,8 +83,11 @@ precision_option = click.option(
               help="Write results to FILE instead of stdout.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the latency report as JSON to FILE.")
+@click.option("--sensitivity", type=float, default=None,
+              help="Triage at the highest threshold whose validation sensitivity to abnormal films reaches "
+                   "this fraction (e.g. 0.99). Default: the model's stored point (0.98 at export).")
 @click.pass_context
-def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report):
+def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity):
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
@@ -101,6 +104,17 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
 
     for note in model.notes:
         click.echo(note, err=True)
+    from .triage import TriageUnavailable, default_policy, policy_for, summary_line
+
+    if sensitivity is None:
+        policy, no_triage = default_policy(model.info)
+        if policy is None:
+            click.echo(f"note: triage unavailable, the triage column stays empty: {no_triage}", err=True)
+    else:
+        try:
+            policy, no_triage = policy_for(model.info, sensitivity), None
+        except TriageUnavailable as exc:
+            _fail(ctx, f"--sensitivity {sensitivity:g}: {exc}")
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
     workers = workers or default_workers(model.runs_on)
     if output:
@@ -118,7 +132,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     writer = make_writer(fmt, stream, model.classes)
     broken_pipe = False
     try:
-        for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats):
+        for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats,
+                                triage=policy):
             writer.write(result)
             progress.update()
     except KeyboardInterrupt:
@@ -138,12 +153,17 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     if stats.files == 0 and not stats.interrupted:
         click.echo("warning: no image files found in " + ", ".join(map(str, paths)), err=True)
     click.echo(format_summary(stats, model.classes), err=True)
+    click.echo(summary_line(policy, stats.triage, no_triage), err=True)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size), workers=workers)
     click.echo(format_report(rep), err=True)
     if report:
         rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
                           "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
-                          "skip_reasons": dict(stats.skip_reasons)}
+                          "skip_reasons": dict(stats.skip_reasons),
+                          "triage": {"counts": dict(stats.triage), "point": None if policy is None else {
+                              "threshold": policy.threshold, "asked_sensitivity": policy.asked,
+                              "validation_sensitivity": policy.sensitivity,
+                              "validation_specificity": policy.specificity}, "unavailable": no_triage}}
         try:
             write_report(rep, report)
         except OSError as exc:
@@ -186,8 +206,11 @@ def info(ctx, model_path, precision, as_json):
               help="cxr-train split.json: bench only its --subset, each image under its source's folder "
                    "(DATA_DIRS, one per source, override where the data moved).")
 @click.option("--subset", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--sensitivity", type=float, default=None,
+              help="Triage point to measure (as in scan); default: each model's stored point.")
 @click.pass_context
-def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset):
+def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset,
+          sensitivity):
     """Accuracy and speed of models on labelled folders (<Class>/images/* or class folders): one
     table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement,
     then accuracy and sensitivity by source (each DATA_DIR is a source)."""
@@ -197,7 +220,7 @@ def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, 
 
     ctx.exit(bench_command(list(data_dirs), list(model_paths) or None, json_path=json_path, batch_size=batch_size,
                            threads=threads, device=device, limit=limit, workers=workers, runs=runs,
-                           split=split, subset=subset))
+                           split=split, subset=subset, sensitivity=sensitivity))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from .discover import Entry
 from .imageio import ImageReadError, load_image
 from .preprocess import Preprocessing, preprocess
 from .session import Model
+from . import triage as triage_mod
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -65,6 +66,7 @@ class Prediction:
     label: str
     confidence: float
     probabilities: dict[str, float]
+    triage: str | None = None  # "refer" / "routine" at the model's operating point (runtime/triage.py)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,16 @@ class ScanResult:
     def ok(self) -> bool:
         return self.prediction is not None
 
+    @property
+    def triage(self) -> str | None:
+        """"refer"/"routine"; None on error rows and for models without operating points.
+        An input the input check flagged is always "refer"."""
+        if self.prediction is None:
+            return None
+        if triage_mod.qc_flagged(getattr(self, "qc", None)):
+            return triage_mod.REFER
+        return self.prediction.triage
+
 
 @dataclass
 class ScanStats:
@@ -92,6 +104,7 @@ class ScanStats:
     errors: int = 0
     skipped: int = 0
     by_class: Counter = field(default_factory=Counter)
+    triage: Counter = field(default_factory=Counter)  # "refer"/"routine" counts
     skip_reasons: Counter = field(default_factory=Counter)
     read_s: float = 0.0  # summed over images (decode threads run in parallel)
     preprocess_s: float = 0.0
@@ -116,6 +129,8 @@ class ScanStats:
         if result.prediction is not None:
             self.ok += 1
             self.by_class[result.prediction.label] += 1
+            if result.triage:
+                self.triage[result.triage] += 1
         else:
             self.errors += 1
 
@@ -168,11 +183,13 @@ def iter_scan(
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
     stats: ScanStats | None = None,
+    triage: "triage_mod.TriagePolicy | None" = None,
 ) -> Iterator[ScanResult]:
     """Yield one ScanResult per scanned entry, in input order; skip entries only update ``stats``.
 
     ``entries`` are ``discover.Entry`` objects (from ``iter_inputs``) or plain file paths (always
     read, never skipped). Pass a ``ScanStats`` to get counts and timings while or after iterating.
+    ``triage``: the refer/routine operating point (default: the model's stored default, if any).
     """
     stats = stats if stats is not None else ScanStats()
     if batch_size < 1:
@@ -182,6 +199,8 @@ def iter_scan(
     workers = workers or default_workers(model.runs_on)
     prefetch = max(2 * batch_size, batch_size + 2 * workers)
     pp, classes = model.info.preprocess, model.classes
+    if triage is None:
+        triage = triage_mod.default_policy(model.info)[0]
     source = iter(entries)
     pending: deque[tuple[Entry, Future | None]] = deque()
     exhausted = False
@@ -251,6 +270,7 @@ def iter_scan(
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
                         result = ScanResult(path, prediction=to_prediction(p, classes))
+                result = triage_mod.apply(result, triage)
                 stats.count(result)
                 yield result
     except KeyboardInterrupt:
@@ -267,8 +287,9 @@ def scan_files(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
+    triage: "triage_mod.TriagePolicy | None" = None,
 ) -> tuple[list[ScanResult], ScanStats]:
     """Scan ``paths`` to completion: (results in input order, stats). For benchmarks and tests."""
     stats = ScanStats()
-    results = list(iter_scan(model, paths, batch_size=batch_size, workers=workers, stats=stats))
+    results = list(iter_scan(model, paths, batch_size=batch_size, workers=workers, stats=stats, triage=triage))
     return results, stats

@@ -15,6 +15,8 @@ Keys (all values are strings; structured values are JSON):
 - ``cxr.parity``        JSON: summary of the export parity report
 - ``cxr.checkpoint_sha256``, ``cxr.created``, ``cxr.producer``
 - ``cxr.intended_use``  short statement of intended use and limits
+- ``cxr.calibration``   JSON: temperature baked in before the softmax, ECE before/after (docs/triage.md)
+- ``cxr.operating_points`` JSON: refer/routine thresholds measured on validation (``cxr.runtime.triage``)
 
 Only ``cxr.format``, ``cxr.classes`` and ``cxr.preprocess`` are required to run a model.
 """

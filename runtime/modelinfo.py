@@ -47,8 +47,34 @@ def describe_model(model: Model) -> dict[str, Any]:
     for key in ("training_data", "metrics", "quantization", "parity", "intended_use",
                 "checkpoint_sha256", "created", "producer"):
         d[key] = extra.pop(key, None)
+    d.update(_triage_description(info, extra))
     d["other_metadata"] = extra
     return d
+
+
+def _triage_description(info, extra: dict) -> dict[str, Any]:
+    """``calibration`` and ``operating_points`` (parsed, popped from ``extra``) and the triage
+    policy the runtime would apply, or why there is none."""
+    from .triage import TriageUnavailable, default_policy, operating_points
+
+    out: dict[str, Any] = {}
+    cal = extra.pop("calibration", None)
+    if isinstance(cal, str):
+        try:
+            cal = json.loads(cal)
+        except json.JSONDecodeError:
+            pass
+    out["calibration"] = cal
+    try:
+        out["operating_points"] = operating_points(info)
+    except TriageUnavailable as exc:
+        out["operating_points"] = None
+        out["triage_unavailable"] = str(exc)
+    extra.pop("operating_points", None)
+    policy, why = default_policy(info)
+    out["triage"] = policy.describe() if policy else None
+    out.setdefault("triage_unavailable", why)
+    return out
 
 
 def _fmt(value: Any, indent: str) -> str:
@@ -76,6 +102,17 @@ def format_description(d: dict[str, Any]) -> str:
     for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
         if d.get(key):
             lines.append(f"{key:<14} {printable(str(d[key]))}")  # from the model file: no terminal escapes
+    from .triage import format_table
+
+    cal = d.get("calibration")
+    if isinstance(cal, dict):
+        lines.append(printable(f"calibration    temperature {cal.get('temperature')} fitted on the {cal.get('fitted_on')} "
+                               f"({cal.get('n')} films): ECE {cal.get('ece_before')} -> {cal.get('ece_after')} "
+                               f"({(cal.get('bins') or {}).get('count', 15)} equal-width bins)"))
+    else:
+        lines.append("calibration    none recorded: probabilities are the raw softmax")
+    # source and class names come from the model file: no terminal escapes
+    lines += [printable(x) for x in format_table(d.get("operating_points"), d.get("triage_unavailable")).splitlines()]
     for key in ("training_data", "metrics", "quantization", "parity", "other_metadata"):
         value = d.get(key)
         if value in (None, {}, []):

@@ -32,7 +32,7 @@ def display_path(path: str) -> str:
 
 
 def columns(classes: list[str]) -> list[str]:
-    return ["path", "prediction", "confidence", *[f"p_{c}" for c in classes], "status", "error"]
+    return ["path", "prediction", "confidence", *[f"p_{c}" for c in classes], "status", "error", "triage"]
 
 
 def result_record(result: ScanResult, classes: list[str]) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def result_record(result: ScanResult, classes: list[str]) -> dict[str, Any]:
         rec[f"p_{c}"] = round(pred.probabilities[c], PROB_DECIMALS) if pred else None
     rec["status"] = result.status
     rec["error"] = result.error
+    rec["triage"] = result.triage  # refer/routine; None on errors and models without operating points
     return rec
 
 
@@ -123,6 +124,7 @@ class TableWriter(Writer):
         self._pw = [max(len(f"p_{c}"), 6) for c in classes]
         head = [f"{'prediction':<{self._w}}", f"{'conf':>6}"]
         head += [f"{f'p_{c}':>{w}}" for c, w in zip(classes, self._pw)]
+        head.append(f"{'triage':<7}")
         stream.write("  ".join(head + ["path"]) + "\n")
         stream.flush()
 
@@ -130,9 +132,10 @@ class TableWriter(Writer):
         if rec["status"] == "ok":
             cells = [f"{rec['prediction']:<{self._w}}", f"{rec['confidence']:>6.3f}"]
             cells += [f"{rec[f'p_{c}']:>{w}.3f}" for c, w in zip(self.classes, self._pw)]
+            cells.append(f"{rec['triage'] or '-':<7}")
             self.stream.write("  ".join(cells + [printable(rec["path"])]) + "\n")
         else:
-            cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw]
+            cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw] + [f"{'':<7}"]
             self.stream.write("  ".join(cells + [printable(f"{rec['path']}  ({rec['error']})")]) + "\n")
 
 

@@ -27,7 +27,7 @@ from synthetic import BRIGHT, DARK, write_bad_files, write_good_images
 from tiny_model import build_tiny_model
 
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
-COLUMNS = ["path", "prediction", "confidence", "p_COVID", "p_Normal", "p_Viral Pneumonia", "status", "error"]
+COLUMNS = ["path", "prediction", "confidence", "p_COVID", "p_Normal", "p_Viral Pneumonia", "status", "error", "triage"]
 
 
 def run(*args):

@@ -1,0 +1,53 @@
+"""Triage in ``cxr-infer bench``: the realised sensitivity and specificity of the refer decision
+on a labelled folder, next to what the model's operating point promised on validation.
+
+The truth is the *folder* class: a film is abnormal unless its folder is named Normal
+(case-insensitively), so classes the model does not know (e.g. Lung_Opacity for a 3-class
+model) count as abnormal films that should be referred, which is what a clinic needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .triage import TriagePolicy, TriageUnavailable, default_policy, policy_for, realised
+
+__all__ = ["TriageUnavailable", "bench_triage", "bench_triage_policy", "format_bench_triage"]
+
+
+def bench_triage_policy(model, sensitivity: float | None) -> tuple[TriagePolicy | None, str | None]:
+    """The point to bench: ``sensitivity``'s (raises TriageUnavailable) or the stored default."""
+    if sensitivity is None:
+        return default_policy(model.info)
+    return policy_for(model.info, sensitivity), None
+
+
+def bench_triage(policy: TriagePolicy | None, reason: str | None, items: Sequence, results: Sequence) -> dict[str, Any]:
+    """{threshold, validation: {...}, realised: {...}} for one model's scan of ``items``."""
+    if policy is None:
+        return {"available": False, "reason": reason}
+    truth = [it.label.strip().lower() != "normal" for it in items]
+    return {
+        "available": True, "threshold": policy.threshold, "asked_sensitivity": policy.asked,
+        "normal_class": policy.normal_class,
+        "validation": {"sensitivity": policy.sensitivity, "specificity": policy.specificity,
+                       "referred": policy.referred},
+        "realised": realised(truth, [r.triage for r in results]),
+    }
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_bench_triage(t: dict | None) -> str:
+    if not t:
+        return "triage: not measured"
+    if not t.get("available"):
+        return f"triage: unavailable ({t.get('reason')})"
+    v, r = t["validation"], t["realised"]
+    how = "default point" if t.get("asked_sensitivity") is None else f"--sensitivity {t['asked_sensitivity']:g}"
+    return (f"triage (refer when P(not {t['normal_class']}) >= {t['threshold']:.4g}, {how}): here sensitivity "
+            f"{_pct(r['sensitivity'])} ({r['n_abnormal']} abnormal), specificity {_pct(r['specificity'])} "
+            f"({r['n_normal']} normal), referred {_pct(r['referred'])}; on validation {_pct(v['sensitivity'])}, "
+            f"{_pct(v['specificity'])}, {_pct(v['referred'])}")
