@@ -41,9 +41,11 @@ def _synthetic(label: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_run(base: Path, seed: int = 0) -> tuple[Path, Path]:
+def make_run(base: Path, seed: int = 0, classes: list[str] | None = None,
+             label_smoothing: float = 0.0) -> tuple[Path, Path]:
     """Write a labelled folder, a split manifest and a trained contract checkpoint; returns
-    (checkpoint path, data root)."""
+    (checkpoint path, data root). ``classes`` renames the bright/dark/stripes patterns (in that
+    order); ``label_smoothing`` > 0 trains an under-confident model."""
     from cxr.train.models import build_model
 
     rng = np.random.default_rng(seed)
@@ -51,43 +53,44 @@ def make_run(base: Path, seed: int = 0) -> tuple[Path, Path]:
     run_dir = base / "run"
     run_dir.mkdir(parents=True)
     items = []
-    for c in CLASSES:
+    names = dict(zip(CLASSES, classes or CLASSES))
+    for pattern, c in names.items():
         (root / c / "images").mkdir(parents=True)
         n = 0
         for split, k in PER_SPLIT.items():
             for _ in range(k):
                 rel = f"{c}/images/{c}-{n}.png"
-                Image.fromarray(_synthetic(c, rng), mode="L").save(root / rel)
+                Image.fromarray(_synthetic(pattern, rng), mode="L").save(root / rel)
                 items.append({"path": rel, "label": c, "split": split})
                 n += 1
     manifest = {"format": "cxr-split/1", "root": str(root), "seed": seed,
-                "fractions": {"train": 0.45, "val": 0.27, "test": 0.28}, "classes": CLASSES, "items": items}
+                "fractions": {"train": 0.45, "val": 0.27, "test": 0.28}, "classes": list(names.values()), "items": items}
     (run_dir / "split.json").write_text(json.dumps(manifest))
     man_sha = hashlib.sha256((run_dir / "split.json").read_bytes()).hexdigest()
 
     pp = Preprocessing(size=32, resize="squash", mean=0.5, std=0.25)
     train = [it for it in items if it["split"] == "train"]
     x = torch.from_numpy(np.stack([preprocess(load_image(root / it["path"]), pp) for it in train]))
-    y = torch.tensor([CLASSES.index(it["label"]) for it in train])
+    y = torch.tensor([list(names.values()).index(it["label"]) for it in train])
     torch.manual_seed(seed)
     model = build_model("baseline_cnn", num_classes=3, in_channels=1, input_size=32)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(40):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
         loss.backward()
         opt.step()
     model.eval()
     sizes = {s: sum(1 for it in items if it["split"] == s) for s in PER_SPLIT}
     ckpt = {
-        "format": "cxr-checkpoint/1", "arch": "baseline_cnn", "classes": CLASSES, "preprocess": pp.to_dict(),
+        "format": "cxr-checkpoint/1", "arch": "baseline_cnn", "classes": list(names.values()), "preprocess": pp.to_dict(),
         "state_dict": model.state_dict(),
         "model_kwargs": {"num_classes": 3, "in_channels": 1, "input_size": 32},
         "epoch": 1, "val_metrics": {"accuracy": 1.0},
         "test_metrics": {"n": sizes["test"], "accuracy": 1.0, "macro_f1": 1.0,
-                         "per_class": {c: {"sensitivity": 1.0} for c in CLASSES}},
-        "training_data": {"name": "synthetic-3", "root": str(root), "class_counts": {c: 22 for c in CLASSES},
+                         "per_class": {c: {"sensitivity": 1.0} for c in names.values()}},
+        "training_data": {"name": "synthetic-3", "root": str(root), "class_counts": {c: 22 for c in names.values()},
                           "split_sizes": sizes, "manifest": "split.json", "manifest_sha256": man_sha},
         "config": {"arch": "baseline_cnn", "epochs": 1, "command": "cxr-train data --arch baseline_cnn --size 32"},
     }
