@@ -185,8 +185,9 @@ def realised(truth_abnormal: Sequence[bool], decisions: Sequence[str | None]) ->
             "referred": (tp + fp) / len(pairs) if pairs else None}
 
 
-def compact_rows(op: dict, n: int = 10) -> list[list[float]]:
-    """About ``n`` rows of the table spread over sensitivity, plus the default threshold's row."""
+def compact_rows(op: dict) -> list[list[float]]:
+    """At most 12 rows of the table: both ends, the highest threshold reaching each common
+    sensitivity (50 % to 100 %), and the default threshold's row."""
     table = sorted(op.get("table") or [], key=lambda r: -r[0])
     if not table:
         return []
@@ -199,8 +200,7 @@ def compact_rows(op: dict, n: int = 10) -> list[list[float]]:
     d = (op.get("default") or {}).get("threshold")
     if d is not None:
         wanted.add(d)
-    rows = [r for r in table if r[0] in wanted]
-    return rows[: n + 2]
+    return [r for r in table if r[0] in wanted]
 
 
 def format_table(op: dict | None, reason: str | None = None) -> str:

@@ -169,8 +169,10 @@ def test_pick_threshold_rule_and_its_errors():
     assert (p.threshold, p.sensitivity, p.asked) == (0.3, 0.99, 0.95)
     with pytest.raises(TriageUnavailable, match=r"fraction in \(0, 1\]"):
         triage.policy_for(info, 99)
+    no_table = _info({})
+    no_table.extra.clear()
     with pytest.raises(TriageUnavailable, match="no operating-point table"):
-        triage.policy_for(_info(None).__class__(classes=list(CLASSES), preprocess=_info({}).preprocess), 0.9)
+        triage.policy_for(no_table, 0.9)
 
 
 # ------------------------------------------------------------------------------ the decision on results
