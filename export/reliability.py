@@ -31,7 +31,7 @@ def plot(before: dict, after: dict, ece_before: float | None, ece_after: float |
         ax = axes[0, col]
         ax.plot([0, 1], [0, 1], color="0.5", lw=1, ls="--", label="calibrated")
         ax.bar(centre, np.nan_to_num(acc), width=width * 0.95, color="tab:blue", alpha=0.75, label="accuracy")
-        ax.scatter(conf, acc, color="tab:red", s=12, zorder=3, label="mean confidence")
+        ax.scatter(conf, acc, color="tab:red", s=12, zorder=3, label="bin (mean confidence, accuracy)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_title(f"{name}: ECE {'-' if e is None else f'{e:.3f}'}", fontsize=10)
