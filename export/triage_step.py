@@ -8,8 +8,8 @@ validation outputs (``operating_points.py``): the table the runtime applies is t
 file's own numbers produced. ECE is reported before and after, on the validation split (where
 T was fitted) and on the held-out eval images (the test split), overall and per source.
 
-Sources: a manifest item's ``source`` field; manifests written before sources existed count as
-one source named after their root folder.
+Sources: each image's source as the manifest reader gives it (``Manifest.source_of``;
+manifests written before sources existed have one source, named after their root folder).
 """
 
 from __future__ import annotations
@@ -18,22 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.runtime.dataset import read_split_manifest
-
 from . import operating_points, temperature
 from .data import ImageSet, Manifest, load_images, log, stratified_subset
 from .evaluate import run_batched
-
-
-def manifest_sources(man: Manifest) -> tuple[dict[Path, str], str]:
-    """({absolute image path: source}, the fallback source name for items without one)."""
-    doc = read_split_manifest(man.path)
-    fallback = Path(doc.get("root") or str(man.root)).name or "default"
-    out = {}
-    for it in doc.get("items", []):
-        rel = Path(it["path"])
-        out[rel if rel.is_absolute() else man.root / rel] = str(it.get("source") or fallback)
-    return out, fallback
 
 
 def torch_logits(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -63,11 +50,10 @@ class TriageStep:
 
     def __init__(self, model, man: Manifest, classes: list[str], pp, seed: int, limit: int, target: float):
         self.classes, self.target = classes, target
-        items = stratified_subset(man.split("val"), limit, seed)
+        items = stratified_subset(man.split("val"), limit, seed, key=man.group)
         log(f"calibration: loading {len(items)} validation images to fit the temperature")
-        self.val = load_images("validation split", items, classes, pp)
-        self.source_of, self.fallback = manifest_sources(man)
-        self.val_sources = [self.source_of.get(p, self.fallback) for p in self.val.paths]
+        self.val = load_images("validation split", items, classes, pp, man.source_of)
+        self.val_sources = list(self.val.sources)
         keep = self.val.y >= 0
         if keep.sum() == 0:
             raise ValueError("no labelled validation image")
@@ -97,10 +83,6 @@ class TriageStep:
             log(f"calibration: SKIPPED -- {exc}")
             return None
 
-    def eval_sources(self, ev: ImageSet) -> list[str]:
-        """Each eval image's source; images outside the manifest (``--images``) are one "other" source."""
-        return [self.source_of.get(p, "other") for p in ev.paths]
-
     def fp32(self, model, onnx_run, ev: ImageSet, png: Path) -> dict:
         """Report entries for the fp32 model (and the metadata kept for ``fp32_metadata``)."""
         report: dict = {}
@@ -108,7 +90,7 @@ class TriageStep:
         val_probs = run_batched(onnx_run, self.val.x)
         op = operating_points.build(val_probs, self.val.y, self.classes, self.val_sources, self.target)
         cal = self.cal.to_metadata()
-        ev_sources = self.eval_sources(ev)
+        ev_sources = list(ev.sources) or [ev.name] * len(ev)  # --images: the set's name
         if ev.labelled:
             ev_logits = torch_logits(model, ev.x)
             before = _ece_split(ev.y, temperature.softmax(ev_logits), ev_sources)

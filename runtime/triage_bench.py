@@ -27,12 +27,18 @@ def bench_triage(policy: TriagePolicy | None, reason: str | None, items: Sequenc
     if policy is None:
         return {"available": False, "reason": reason}
     truth = [it.label.strip().lower() != "normal" for it in items]
+    decisions = [r.triage for r in results]
+    sources = [getattr(it, "source", "") or "" for it in items]
+    by_source = {s: realised([t for t, x in zip(truth, sources) if x == s],
+                             [d for d, x in zip(decisions, sources) if x == s])
+                 for s in sorted(set(sources)) if s}
     return {
         "available": True, "threshold": policy.threshold, "asked_sensitivity": policy.asked,
         "normal_class": policy.normal_class,
         "validation": {"sensitivity": policy.sensitivity, "specificity": policy.specificity,
                        "referred": policy.referred},
-        "realised": realised(truth, [r.triage for r in results]),
+        "realised": realised(truth, decisions),
+        "realised_by_source": by_source if len(by_source) > 1 else {},
     }
 
 
@@ -47,7 +53,11 @@ def format_bench_triage(t: dict | None) -> str:
         return f"triage: unavailable ({t.get('reason')})"
     v, r = t["validation"], t["realised"]
     how = "default point" if t.get("asked_sensitivity") is None else f"--sensitivity {t['asked_sensitivity']:g}"
-    return (f"triage (refer when P(not {t['normal_class']}) >= {t['threshold']:.4g}, {how}): here sensitivity "
-            f"{_pct(r['sensitivity'])} ({r['n_abnormal']} abnormal), specificity {_pct(r['specificity'])} "
-            f"({r['n_normal']} normal), referred {_pct(r['referred'])}; on validation {_pct(v['sensitivity'])}, "
-            f"{_pct(v['specificity'])}, {_pct(v['referred'])}")
+    lines = [f"triage (refer when P(not {t['normal_class']}) >= {t['threshold']:.4g}, {how}): here sensitivity "
+             f"{_pct(r['sensitivity'])} ({r['n_abnormal']} abnormal), specificity {_pct(r['specificity'])} "
+             f"({r['n_normal']} normal), referred {_pct(r['referred'])}; on validation {_pct(v['sensitivity'])}, "
+             f"{_pct(v['specificity'])}, {_pct(v['referred'])}"]
+    for s, x in (t.get("realised_by_source") or {}).items():
+        lines.append(f"  source {s}: sensitivity {_pct(x['sensitivity'])} ({x['n_abnormal']} abnormal), "
+                     f"specificity {_pct(x['specificity'])} ({x['n_normal']} normal), referred {_pct(x['referred'])}")
+    return "\n".join(lines)

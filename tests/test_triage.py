@@ -394,16 +394,27 @@ def test_bench_reports_realised_sensitivity_next_to_validation(triage_model, tmp
         (root / c).mkdir(parents=True)
         for v in levels:
             Image.new("L", (40, 36), v).save(root / c / f"{v}.png")
+    other = tmp_path / "other-site" / "Normal"  # a second source: normal films only
+    other.mkdir(parents=True)
+    for v in (90, 128, 165):
+        Image.new("L", (40, 36), v).save(other / f"{v}.png")
     out = tmp_path / "bench.json"
-    res = run("bench", root, "--model", path, "--json", out, "--runs", "3", "--batch-size", "4", "--threads", "1")
+    res = run("bench", root, other.parent, "--model", path, "--json", out, "--runs", "3", "--batch-size", "4",
+              "--threads", "1")
     assert res.exit_code == 0, res.output
     t = json.loads(out.read_text())["models"][0]["triage"]
+    by_src = t["realised_by_source"]
+    assert by_src["other-site"]["n"] == 3 and by_src["other-site"]["sensitivity"] is None
+    assert by_src["labelled"]["n"] + 3 == t["realised"]["n"] and "source other-site: sensitivity -" in res.stdout
     clf = Classifier.load(path)
     truth, decisions = [], []
     for c, levels in {**LEVELS, "Lung_Opacity": [40, 128]}.items():
         for v in levels:
             truth.append(c != "Normal")  # a class the model does not know is still abnormal
             decisions.append(clf.classify(root / c / f"{v}.png").triage)
+    for v in (90, 128, 165):
+        truth.append(False)
+        decisions.append(clf.classify(other / f"{v}.png").triage)
     expected = triage.realised(truth, decisions)
     assert t["realised"] == pytest.approx(expected)
     assert t["realised"]["n_abnormal"] == 7 and t["validation"]["sensitivity"] == op["default"]["sensitivity"]
