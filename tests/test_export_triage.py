@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 
 from cxr.export import cli as export_cli  # noqa: E402
 from cxr.export.data import load_images, read_manifest  # noqa: E402
-from cxr.runtime.metadata import decode_props  # noqa: E402
 from cxr.runtime.preprocess import Preprocessing  # noqa: E402
 from test_export import make_run  # noqa: E402
 

@@ -11,8 +11,6 @@ import csv
 import dataclasses
 import io
 import json
-import math
-from pathlib import Path
 
 import numpy as np
 import pytest
