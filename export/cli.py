@@ -24,7 +24,7 @@ from cxr.runtime.metadata import ModelInfo
 from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing
 
-from . import onnx_export, parity as parity_mod, quantize
+from . import cam as cam_mod, onnx_export, parity as parity_mod, quantize
 from .data import (ExportInputError, find_manifest, folder_items, load_checkpoint, load_images, log,
                    read_manifest, stratified_subset)
 from .evaluate import (agreement, classification_metrics, measure_speed, ort_runner, ort_session,
@@ -174,6 +174,12 @@ def _pct(x) -> str:
 @click.option("--triage-target", default=0.98, type=click.FloatRange(0, 1, min_open=True),
               help="Default operating point: the highest threshold keeping validation sensitivity to "
                    "abnormal films at least this.")
+@click.option("--cam/--no-cam", "with_cam", default=True,
+              help="Add the class-activation map output 'cam' where the architecture allows (docs/heatmaps.md).")
+@click.option("--cam-tolerance", default=1e-3, type=click.FloatRange(min=0),
+              help="Largest allowed fp32 |cam_torch - cam_onnx| as a fraction of each map's range.")
+@click.option("--int8-cam-tolerance", default=0.25, type=click.FloatRange(min=0),
+              help="Largest allowed int8 |cam_int8 - cam_fp32| as a fraction of each map's range; over it, int8 is refused.")
 @click.pass_context
 def main(ctx: click.Context, **opts) -> None:
     """Export a cxr-train CHECKPOINT to ONNX with a parity proof, optionally also int8."""
@@ -199,7 +205,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
                calib_count: int, val_limit: int, int8_max_drop: float, int8_min_agreement: float,
                keep_float: tuple[str, ...], keep_float_node: tuple[str, ...], bench: bool, bench_runs: int,
                card: bool, intended_use: str | None, train_command: str | None, seed: int,
-               calibrate: bool = True, calibration_limit: int = 0, triage_target: float = 0.98) -> int:
+               calibrate: bool = True, calibration_limit: int = 0, triage_target: float = 0.98,
+               with_cam: bool = True, cam_tolerance: float = 1e-3, int8_cam_tolerance: float = 0.25) -> int:
     t_start = time.perf_counter()
     if not out.name.endswith(".onnx"):
         raise ExportInputError(f"--out must end in .onnx, got {out}")
@@ -219,6 +226,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     from .data import build_from_checkpoint
 
     model = build_from_checkpoint(ckpt)
+    cam_support = cam_mod.cam_support(ckpt["arch"]) if with_cam else cam_mod.CamSupport(False, reason="--no-cam")
     log(f"checkpoint {checkpoint}: {ckpt['arch']}, classes {classes}, input {pp.channels}x{pp.size}x{pp.size}")
 
     man = None
@@ -280,7 +288,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         log(f"exporting fp32 ONNX ({exporter})")
         t0 = time.perf_counter()
         export_info = onnx_export.export_fp32(model, (pp.channels, pp.size, pp.size), partial, exporter, opset,
-                                              temperature=temperature)
+                                              temperature=temperature,
+                                              cam_arch=ckpt["arch"] if cam_support.available else None)
         log(f"exported in {time.perf_counter() - t0:.1f}s: opset {export_info['opset']}; checker and shape inference passed")
         import onnx
 
@@ -297,6 +306,18 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         report["parity"] = par.to_dict()
         parity_mod.require(par)
         log("fp32 parity passed: " + par.describe())
+        cam_meta = cam_mod.cam_metadata(cam_support)
+        if cam_support.available:
+            t_cam = run_batched(cam_mod.torch_cam_runner(cam_mod.with_softmax_and_cam(model, ckpt["arch"], temperature)), ev.x)
+            o_cam = run_batched(cam_mod.ort_cam_runner(sess), ev.x)
+            cpar = parity_mod.compare_cam(t_cam, o_cam, source, cam_tolerance, "fp32 ONNX vs PyTorch")
+            report["parity_cam"] = cpar.to_dict()
+            parity_mod.require_cam(cpar)
+            log("fp32 " + cpar.describe())
+            cam_meta = cam_mod.cam_metadata(cam_support, o_cam.shape[2:], {"fp32_vs_pytorch": cpar.to_dict()})
+        else:
+            log(f"no class-activation map for {ckpt['arch']}: {cam_support.reason}")
+        report["cam"] = cam_meta
 
         for key, probs, run in (("pytorch", p_torch, torch_run), ("onnx_fp32", p_onnx, onnx_run)):
             entry = {"metrics": classification_metrics(ev.y, probs.argmax(1), classes, ev.sources) if ev.labelled else None,
@@ -335,6 +356,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
             "parity": report["parity"],
             "reproduce": json.dumps(reproduce, sort_keys=True, default=str),
             **(step.fp32_metadata() if step else {}),
+            "cam": cam_meta,
         }
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
@@ -349,7 +371,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         refused = _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes,
                                calib_count, val_limit, int8_max_drop, int8_min_agreement, keep_float,
                                keep_float_node, bench, bench_runs, seed, checkpoint, base_extra,
-                               training_metrics, reproduce, card, step)
+                               training_metrics, reproduce, card, step, int8_cam_tolerance)
 
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report_path = _sibling(out, ".report.json")
@@ -363,7 +385,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
 
 def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes, calib_count,
                  val_limit, max_drop, min_agreement, keep_float, keep_float_node, bench, bench_runs, seed,
-                 checkpoint, base_extra, training_metrics, reproduce, card, step=None) -> str | None:
+                 checkpoint, base_extra, training_metrics, reproduce, card, step=None,
+                 int8_cam_tolerance=0.25) -> str | None:
     """Search/build the int8 model; returns a refusal message, or None once FILE.int8.onnx exists."""
     train_items, val_items = man.split("train"), man.split("val")
     if not train_items or not val_items:
@@ -418,6 +441,25 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                      "agreement_vs_pytorch": round(agreement(p_torch, p8), 6),
                      "max_abs_diff_vs_fp32": float(np.abs(p8 - p_onnx).max()), "path": str(int8_out),
                      "size_bytes": size_bytes}
+            cam_meta = report["cam"]
+            if cam_meta.get("available"):
+                o_cam8 = run_batched(cam_mod.ort_cam_runner(sess), ev.x)
+                o_cam32 = run_batched(cam_mod.ort_cam_runner(ort_session(out)), ev.x)
+                cpar8 = parity_mod.compare_cam(o_cam32, o_cam8, ev.name, int8_cam_tolerance, "int8 vs fp32 ONNX")
+                entry["cam_vs_fp32"] = cpar8.to_dict()
+                log("int8 " + cpar8.describe())
+                if not cpar8.passed:
+                    del sess
+                    q["status"] = "refused"
+                    q["message"] = (f"{scheme.name} keeps the probabilities within the bound but not the "
+                                    f"class-activation maps ({cpar8.describe()}); no int8 model written; "
+                                    f"{out.name} (fp32, parity passed) stays. Try another --int8-scheme, "
+                                    f"or --int8-cam-tolerance")
+                    if int8_out.exists():
+                        int8_out.unlink()
+                        _sibling(int8_out, ".card.md").unlink(missing_ok=True)
+                    return q["message"]
+                cam_meta = {**cam_meta, "parity": {**cam_meta.get("parity", {}), "int8_vs_fp32": cpar8.to_dict()}}
             if bench:
                 log("timing onnx_int8")
                 entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
@@ -455,6 +497,7 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 "quantization": quant_meta,
                 "reproduce": json.dumps(rep, sort_keys=True, default=str),
                 **(step.int8(run, p8, ev, report) if step else {}),
+                "cam": cam_meta,
             }
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)

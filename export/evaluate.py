@@ -72,7 +72,8 @@ def ort_session(path: "str | os.PathLike[str]", threads: int | None = None):
 
 def ort_runner(session) -> Callable[[np.ndarray], np.ndarray]:
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    out = [session.get_outputs()[0].name]  # probabilities only: extra outputs (cam) are not computed
+    return lambda x: session.run(out, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
 
 def torch_runner(model, temperature: float | None = None) -> Callable[[np.ndarray], np.ndarray]:

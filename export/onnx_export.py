@@ -47,15 +47,24 @@ def _with_softmax(model, temperature: float | None = None):
 
 
 def export_fp32(model, input_shape: tuple[int, int, int], path: "str | os.PathLike[str]",
-                exporter: str = "dynamo", opset: int | None = None, temperature: float | None = None) -> dict:
+                exporter: str = "dynamo", opset: int | None = None, temperature: float | None = None,
+                cam_arch: str | None = None) -> dict:
     """Write ``path`` (a single file, weights inline); returns what was used, for the report.
-    ``temperature``: divide the logits by it before the softmax (None: plain softmax)."""
+    ``temperature``: divide the logits by it before the softmax (None: plain softmax).
+    ``cam_arch``: also export the class-activation map as output ``cam`` (see ``cam.py``)."""
     import torch
 
     if exporter not in DEFAULT_OPSET:
         raise ValueError(f"unknown exporter {exporter!r}")
     opset = opset or DEFAULT_OPSET[exporter]
-    wrapped = _with_softmax(model, temperature)
+    output_names = [OUTPUT_NAME]
+    if cam_arch:
+        from .cam import OUTPUT_NAME as CAM_OUTPUT, with_softmax_and_cam
+
+        wrapped = with_softmax_and_cam(model, cam_arch, temperature)
+        output_names.append(CAM_OUTPUT)
+    else:
+        wrapped = _with_softmax(model, temperature)
     # batch 2 so no exporter specialises the batch dimension to 1
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     path = str(path)
@@ -64,16 +73,16 @@ def export_fp32(model, input_shape: tuple[int, int, int], path: "str | os.PathLi
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             prog = torch.onnx.export(
-                wrapped, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                wrapped, (example,), input_names=[INPUT_NAME], output_names=output_names,
                 opset_version=opset, dynamo=True, external_data=False,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
             prog.save(path, external_data=False)
         else:
             torch.onnx.export(
-                wrapped, (example,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                wrapped, (example,), path, input_names=[INPUT_NAME], output_names=output_names,
                 opset_version=opset, dynamo=False, do_constant_folding=True,
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             )
     check_onnx(path)
     return {"exporter": exporter, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__}

@@ -165,6 +165,11 @@ class Int8Builder:
             # so does the calibration temperature's Div feeding it (one scalar division)
             if n.op_type == "Div" and n.name and set(n.output) & softmax_inputs:
                 self.keep_float[n.name] = n.op_type
+        # the class-activation map's 1x1 conv stays float too: it is tiny, and the map is then
+        # only as coarse as the int8 feature map it reads, not re-quantized on top of that
+        for n in pre.graph.node:
+            if "cam" in n.output and n.name:
+                self.keep_float[n.name] = n.op_type
         for n in keep_float_nodes:
             if n not in names:
                 raise ValueError(f"--keep-float-node {n!r} is not a node of the pre-processed graph")

@@ -18,7 +18,7 @@ from array import array
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -71,11 +71,19 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """One input file's outcome: ``prediction`` when it was classified, else ``error``."""
+    """One input file's outcome: ``prediction`` when it was classified, else ``error``.
+
+    ``heatmap`` (``iter_scan(heatmaps=True)``, models with a ``cam`` output): float32 [K, h, w],
+    one class-activation map per class in ``model.classes`` order. ``preview``
+    (``iter_scan(previews=N)``): the decoded image as an 8-bit grayscale PIL image, at most N
+    pixels on its longer side, for drawing heatmaps and thumbnails without decoding twice.
+    """
 
     path: str
     prediction: Prediction | None = None
     error: str | None = None
+    heatmap: Any = field(default=None, repr=False, compare=False)
+    preview: Any = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -153,23 +161,47 @@ def to_prediction(probs: np.ndarray, classes: list[str]) -> Prediction:
     )
 
 
+def _decode(path: str):
+    """(image, None) or (None, reason): a bad file never raises out of a worker."""
+    try:
+        return load_image(path), None
+    except ImageReadError as exc:
+        return None, str(exc)
+    except MemoryError:
+        return None, "out of memory while decoding"
+    except Exception as exc:  # a decoder bug must still become an error row, not end the scan
+        return None, f"unexpected read error: {exc.__class__.__name__}: {exc}"
+
+
 def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None, float, float]:
     """Read + preprocess one file (runs in a worker thread): (tensor, error, read_s, preprocess_s)."""
     t0 = time.perf_counter()
-    try:
-        image = load_image(path)
-    except ImageReadError as exc:
-        return None, str(exc), time.perf_counter() - t0, 0.0
-    except MemoryError:
-        return None, "out of memory while decoding", time.perf_counter() - t0, 0.0
-    except Exception as exc:  # a decoder bug must still become an error row, not end the scan
-        return None, f"unexpected read error: {exc.__class__.__name__}: {exc}", time.perf_counter() - t0, 0.0
+    image, err = _decode(path)
+    if err is not None:
+        return None, err, time.perf_counter() - t0, 0.0
     t1 = time.perf_counter()
     try:
         x = preprocess(image, pp)
     except Exception as exc:
         return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1
     return x, None, t1 - t0, time.perf_counter() - t1
+
+
+def prepare_with_preview(path: str, pp: Preprocessing, side: int):
+    """``prepare`` that also keeps the decoded image, shrunk to at most ``side`` pixels:
+    ((tensor, preview) or None, error, read_s, preprocess_s)."""
+    t0 = time.perf_counter()
+    image, err = _decode(path)
+    if err is not None:
+        return None, err, time.perf_counter() - t0, 0.0
+    t1 = time.perf_counter()
+    try:
+        x = preprocess(image, pp)
+        preview = image.copy()
+        preview.thumbnail((side, side))
+    except Exception as exc:
+        return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1
+    return (x, preview), None, t1 - t0, time.perf_counter() - t1
 
 
 def _as_entry(item: "Entry | str | os.PathLike[str]") -> Entry:
@@ -184,16 +216,23 @@ def iter_scan(
     workers: int | None = None,
     stats: ScanStats | None = None,
     triage: "triage_mod.TriagePolicy | None" = None,
+    heatmaps: bool = False,
+    previews: int = 0,
 ) -> Iterator[ScanResult]:
     """Yield one ScanResult per scanned entry, in input order; skip entries only update ``stats``.
 
     ``entries`` are ``discover.Entry`` objects (from ``iter_inputs``) or plain file paths (always
     read, never skipped). Pass a ``ScanStats`` to get counts and timings while or after iterating.
     ``triage``: the refer/routine operating point (default: the model's stored default, if any).
+    ``heatmaps=True`` fills ``ScanResult.heatmap`` (the model needs a ``cam`` output);
+    ``previews=N`` fills ``ScanResult.preview``. Without them a scan costs what it always did.
     """
     stats = stats if stats is not None else ScanStats()
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
+    if heatmaps and not model.has_cam:
+        raise ValueError(f"{model.path} has no class-activation map output ({model.info.arch}); "
+                         "heatmaps need a model exported with one (docs/heatmaps.md)")
     if model.max_batch:
         batch_size = min(batch_size, model.max_batch)
     workers = workers or default_workers(model.runs_on)
@@ -221,7 +260,8 @@ def iter_scan(
             elif entry.error is not None:
                 pending.append((entry, None))
             else:
-                pending.append((entry, pool.submit(prepare, entry.path, pp)))
+                job = (prepare_with_preview, entry.path, pp, previews) if previews else (prepare, entry.path, pp)
+                pending.append((entry, pool.submit(*job)))
 
     # The first batch holds one image, so the first result comes as soon as one image is decoded
     # (not after a whole batch is decoded and inferred); every later batch is full.
@@ -232,44 +272,53 @@ def iter_scan(
             if not pending:
                 break
             # A chunk: consecutive entries until ``target`` of them are ready for the model.
-            chunk: list[tuple[str, np.ndarray | None, str | None]] = []
+            chunk: list[tuple[str, np.ndarray | None, str | None, Any]] = []
             tensors: list[np.ndarray] = []
             while pending and len(tensors) < target:
                 entry, fut = pending.popleft()
                 if fut is None:
-                    chunk.append((entry.path, None, entry.error))
+                    chunk.append((entry.path, None, entry.error, None))
                 else:
                     x, err, read_s, pre_s = fut.result()
                     stats.read_s += read_s
                     stats.preprocess_s += pre_s
-                    chunk.append((entry.path, x, err))
+                    preview = None
+                    if previews and x is not None:
+                        x, preview = x
+                    chunk.append((entry.path, x, err, preview))
                     if x is not None:
                         tensors.append(x)
                 fill()  # keep the decode threads busy while this thread waits or infers
             probs: np.ndarray | None = None
+            cams: np.ndarray | None = None
             infer_error = None
             if tensors:
                 target = batch_size
                 batch = np.stack(tensors)
                 t0 = time.perf_counter()
                 try:
-                    probs = model.run(batch)
+                    if heatmaps:
+                        probs, cams = model.run_with_cam(batch)
+                    else:
+                        probs = model.run(batch)
                 except Exception as exc:
                     infer_error = f"inference failed: {exc}"
                 stats.add_batch(len(tensors), time.perf_counter() - t0)
             k = 0
-            for path, x, err in chunk:
+            for path, x, err, preview in chunk:
                 if x is None:
                     result = ScanResult(path, error=err)
                 elif infer_error is not None:
                     result = ScanResult(path, error=infer_error)
                 else:
                     p = probs[k]
+                    cam = cams[k] if cams is not None else None
                     k += 1
                     if not np.all(np.isfinite(p)):
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
-                        result = ScanResult(path, prediction=to_prediction(p, classes))
+                        result = ScanResult(path, prediction=to_prediction(p, classes), heatmap=cam,
+                                            preview=preview)
                 result = triage_mod.apply(result, triage)
                 stats.count(result)
                 yield result

@@ -17,6 +17,8 @@ Keys (all values are strings; structured values are JSON):
 - ``cxr.intended_use``  short statement of intended use and limits
 - ``cxr.calibration``   JSON: temperature baked in before the softmax, ECE before/after (docs/triage.md)
 - ``cxr.operating_points`` JSON: refer/routine thresholds measured on validation (``cxr.runtime.triage``)
+- ``cxr.cam``           JSON: whether output ``cam`` (class-activation maps) exists, its layer and
+                        grid, or why the architecture has none (docs/heatmaps.md)
 
 Only ``cxr.format``, ``cxr.classes`` and ``cxr.preprocess`` are required to run a model.
 """

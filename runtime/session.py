@@ -7,6 +7,7 @@ that contradicts its own metadata, CUDA asked for but absent) is found here, at 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ class Model:
     max_batch: int | None = None  # set when the graph has a fixed batch dimension
     first_inference_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    cam_output: str | None = None  # the class-activation map output, when the model has one
+
+    @property
+    def has_cam(self) -> bool:
+        return self.cam_output is not None
 
     @property
     def classes(self) -> list[str]:
@@ -93,6 +99,17 @@ class Model:
         """float32 [N, C, S, S] -> probabilities [N, K]."""
         out = self.session.run([self.output_name], {self.input_name: batch})[0]
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
+
+    def run_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [N, C, S, S] -> (probabilities [N, K], class-activation maps [N, K, h, w]).
+
+        Only this call asks onnxruntime for the map; ``run`` names the probabilities alone, and
+        onnxruntime then skips the map's nodes (docs/heatmaps.md has the measurement)."""
+        if self.cam_output is None:
+            raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
+        probs, cam = self.session.run([self.output_name, self.cam_output], {self.input_name: batch})
+        n = batch.shape[0]
+        return np.asarray(probs, dtype=np.float32).reshape(n, -1), np.asarray(cam, dtype=np.float32)
 
     def warmup(self) -> float:
         """One inference on a blank image: lazily allocated buffers and kernels get built here,
@@ -183,6 +200,36 @@ def _check_model_file(path: Path) -> None:
         raise ModelLoadError(f"{path}: cannot read the model file: {exc.strerror or exc}") from None
 
 
+def cam_metadata(info: ModelInfo) -> dict | None:
+    """The ``cxr.cam`` metadata as a dict (the metadata reader checked that it is JSON and leaves
+    it a string for this feature to parse), or None when the model has none."""
+    meta = info.extra.get("cam")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _find_cam_output(path: Path, session, info: ModelInfo) -> str | None:
+    """The ``cam`` output named by ``cxr.cam`` metadata, checked against the graph: float, 4-D,
+    one map per class. A model without it (older files, or architectures without CAM) is fine."""
+    meta = cam_metadata(info)
+    if meta is None or not meta.get("available"):
+        return None
+    name = meta.get("output", "cam")
+    outs = {o.name: o for o in session.get_outputs()}
+    if name not in outs:
+        raise ModelLoadError(f"{path}: metadata cxr.cam names output {name!r}, the graph has {sorted(outs)}")
+    o = outs[name]
+    k = o.shape[1] if len(o.shape) == 4 else None
+    if o.type != "tensor(float)" or len(o.shape) != 4 or (isinstance(k, int) and k != len(info.classes)):
+        raise ModelLoadError(f"{path}: output {name!r} is {o.type} {list(o.shape)}; expected float "
+                             f"[N, {len(info.classes)}, h, w] (one map per class)")
+    return name
+
+
 def load_model(
     path: "str | os.PathLike[str] | None" = None,
     device: str = "cpu",
@@ -232,6 +279,7 @@ def load_model(
         providers=active, device=device, threads=threads, session_create_ms=session_ms,
         load_ms=0.0, max_batch=max_batch, notes=notes,
     )
+    model.cam_output = _find_cam_output(path, session, info)
     model.load_ms = (time.perf_counter() - t0) * 1e3
     if warmup:
         model.warmup()

@@ -42,7 +42,7 @@ def _synthetic(label: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_run(base: Path, seed: int = 0, classes: list[str] | None = None,
-             label_smoothing: float = 0.0) -> tuple[Path, Path]:
+             label_smoothing: float = 0.0, arch: str = "baseline_cnn", size: int = 32) -> tuple[Path, Path]:
     """Write a labelled folder, a split manifest and a trained contract checkpoint; returns
     (checkpoint path, data root). ``classes`` renames the bright/dark/stripes patterns (in that
     order); ``label_smoothing`` > 0 trains an under-confident model."""
@@ -68,12 +68,12 @@ def make_run(base: Path, seed: int = 0, classes: list[str] | None = None,
     (run_dir / "split.json").write_text(json.dumps(manifest))
     man_sha = hashlib.sha256((run_dir / "split.json").read_bytes()).hexdigest()
 
-    pp = Preprocessing(size=32, resize="squash", mean=0.5, std=0.25)
+    pp = Preprocessing(size=size, resize="squash", mean=0.5, std=0.25)
     train = [it for it in items if it["split"] == "train"]
     x = torch.from_numpy(np.stack([preprocess(load_image(root / it["path"]), pp) for it in train]))
     y = torch.tensor([list(names.values()).index(it["label"]) for it in train])
     torch.manual_seed(seed)
-    model = build_model("baseline_cnn", num_classes=3, in_channels=1, input_size=32)
+    model = build_model(arch, num_classes=3, in_channels=1, input_size=size)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(40):
@@ -84,15 +84,15 @@ def make_run(base: Path, seed: int = 0, classes: list[str] | None = None,
     model.eval()
     sizes = {s: sum(1 for it in items if it["split"] == s) for s in PER_SPLIT}
     ckpt = {
-        "format": "cxr-checkpoint/1", "arch": "baseline_cnn", "classes": list(names.values()), "preprocess": pp.to_dict(),
+        "format": "cxr-checkpoint/1", "arch": arch, "classes": list(names.values()), "preprocess": pp.to_dict(),
         "state_dict": model.state_dict(),
-        "model_kwargs": {"num_classes": 3, "in_channels": 1, "input_size": 32},
+        "model_kwargs": {"num_classes": 3, "in_channels": 1, "input_size": size},
         "epoch": 1, "val_metrics": {"accuracy": 1.0},
         "test_metrics": {"n": sizes["test"], "accuracy": 1.0, "macro_f1": 1.0,
                          "per_class": {c: {"sensitivity": 1.0} for c in names.values()}},
         "training_data": {"name": "synthetic-3", "root": str(root), "class_counts": {c: 22 for c in names.values()},
                           "split_sizes": sizes, "manifest": "split.json", "manifest_sha256": man_sha},
-        "config": {"arch": "baseline_cnn", "epochs": 1, "command": "cxr-train data --arch baseline_cnn --size 32"},
+        "config": {"arch": arch, "epochs": 1, "command": f"cxr-train data --arch {arch} --size {size}"},
     }
     path = run_dir / "best.pt"
     torch.save(ckpt, path)
