@@ -9,6 +9,9 @@ Load once, classify many times; the CLI runs the very same engine, so results ar
     print(p.label, p.confidence, p.probabilities, p.triage)   # triage: "refer"/"routine"
     for r in clf.scan(["/data/xrays"]):           # folders recursively; one result per file
         print(r.path, r.status, r.prediction.label if r.ok else r.error)
+
+    p, maps = clf.explain("patient1.png")        # maps: float32 [K, h, w], one per class
+    hot = maps[clf.classes.index(p.label)]        # where the evidence for the label is
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ class Classifier:
         pred = to_prediction(probs, self.model.classes)
         return triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
 
+    @property
+    def has_heatmaps(self) -> bool:
+        """Whether the model file has a class-activation map output (``explain``, ``heatmaps=True``)."""
+        return self.model.has_cam
+
+    def explain(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> tuple[Prediction, np.ndarray]:
+        """Classify one image and return its class-activation maps: (Prediction, float32 [K, h, w]
+        in ``classes`` order, on the model's input grid). ``heatmap.map_on_image`` places a map on
+        the original image. Raises ValueError for a model without maps.
+        """
+        probs, cam = self.model.run_with_cam(self._tensor(x)[None])
+        return to_prediction(probs[0], self.model.classes), cam[0]
+
     def classify_many(self, paths: "Iterable[str | os.PathLike[str]]") -> list[ScanResult]:
         """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order."""
         return list(iter_scan(self.model, [os.fspath(p) for p in paths],
@@ -99,11 +115,12 @@ class Classifier:
 
     def scan(
         self, paths_or_dirs: "Iterable[str | os.PathLike[str]] | str | os.PathLike[str]",
-        stats: ScanStats | None = None,
+        stats: ScanStats | None = None, heatmaps: bool = False,
     ) -> Iterator[ScanResult]:
         """Iterate results for files and folders (recursive, sorted), exactly as ``cxr-infer scan``.
 
         Non-image files inside folders are skipped and counted in ``stats.skipped``.
+        ``heatmaps=True`` fills each classified result's ``heatmap`` (float32 [K, h, w]).
 
         >>> stats = ScanStats()
         >>> rows = list(clf.scan("/data/xrays", stats=stats))  # doctest: +SKIP
@@ -111,4 +128,4 @@ class Classifier:
         if isinstance(paths_or_dirs, (str, os.PathLike)):
             paths_or_dirs = [paths_or_dirs]
         return iter_scan(self.model, iter_inputs(paths_or_dirs), batch_size=self.batch_size,
-                         workers=self.workers, stats=stats, triage=self.triage_policy)
+                         workers=self.workers, stats=stats, triage=self.triage_policy, heatmaps=heatmaps)

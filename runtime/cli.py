@@ -86,8 +86,14 @@ precision_option = click.option(
 @click.option("--sensitivity", type=float, default=None,
               help="Triage at the highest threshold whose validation sensitivity to abnormal films reaches "
                    "this fraction (e.g. 0.99). Default: the model's stored point (0.98 at export).")
+@click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
+              help="Write one PNG per classified image into DIR: the X-ray with the predicted class's "
+                   "activation map over it (needs a model with a 'cam' output).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write an offline review page FILE.html (thumbnails in FILE_files/ beside it).")
 @click.pass_context
-def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity):
+def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity,
+         heatmaps_dir=None, html_path=None):
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
@@ -115,6 +121,18 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
             policy, no_triage = policy_for(model.info, sensitivity), None
         except TriageUnavailable as exc:
             _fail(ctx, f"--sensitivity {sensitivity:g}: {exc}")
+    outputs = None
+    if heatmaps_dir or html_path:
+        if heatmaps_dir and not model.has_cam:
+            why = (model.info.extra.get("cam") or {}).get("reason") if isinstance(model.info.extra.get("cam"), dict) else None
+            _fail(ctx, f"--heatmaps: {model.path} has no class-activation map output"
+                       + (f" ({why})" if why else " (exported before heatmaps existed; re-export it with cxr-export)"))
+        from .scan_outputs import ScanOutputs, scan_root
+
+        try:
+            outputs = ScanOutputs(model, heatmaps_dir=heatmaps_dir, html_path=html_path, root=scan_root(list(paths)))
+        except OSError as exc:
+            _fail(ctx, f"cannot create output folder: {exc}")
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
     workers = workers or default_workers(model.runs_on)
     if output:
@@ -133,8 +151,11 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     broken_pipe = False
     try:
         for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats,
-                                triage=policy):
+                                triage=policy, heatmaps=bool(heatmaps_dir),
+                                previews=outputs.preview_side if outputs else 0):
             writer.write(result)
+            if outputs is not None:
+                outputs.add(result)
             progress.update()
     except KeyboardInterrupt:
         stats.interrupted = True
@@ -156,6 +177,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     click.echo(summary_line(policy, stats.triage, no_triage), err=True)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size), workers=workers)
     click.echo(format_report(rep), err=True)
+    if outputs is not None:
+        _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path)
     if report:
         rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
                           "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
@@ -172,6 +195,25 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     if stats.interrupted:
         ctx.exit(EXIT_INTERRUPTED)
     ctx.exit(EXIT_SOME_ERRORS if stats.errors else EXIT_OK)
+
+
+def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:
+    """Write the review page once every drawing is done, and say what was written."""
+    from .latency import format_report
+
+    try:
+        size = outputs.finish(stats, rep, format_report(rep))
+    except OSError as exc:
+        click.echo(f"error: cannot write the review page {html_path}: {exc.strerror or exc}", err=True)
+        ctx.exit(EXIT_USAGE)
+    if heatmaps_dir:
+        click.echo(f"heatmaps: {outputs.written['heatmaps']} PNG files in {heatmaps_dir}", err=True)
+    if html_path:
+        click.echo(f"review page: {html_path} ({size / 1e6:.2f} MB; {outputs.written['thumbnails']} thumbnails "
+                   f"in {outputs.files_dir})", err=True)
+    if outputs.failures:
+        click.echo(f"warning: {len(outputs.failures)} images could not be written; first: {outputs.failures[0]}",
+                   err=True)
 
 
 @cli.command()
