@@ -377,5 +377,6 @@ _SCRIPT = r"""
   $("next").addEventListener("click", () => { st.page++; render(); window.scrollTo(0, 0); });
   render();
   document.body.dataset.ready = "1";
+  document.body.dataset.readyMs = String(Math.round(performance.now()));
 })();
 """

@@ -20,7 +20,7 @@ from tiny_model import CLASSES, brightness_weights
 
 
 def build_tiny_cam_model(path: "str | Path", classes=CLASSES, size: int = 32, grid: int = 4,
-                         resize: str = "squash") -> Path:
+                         resize: str = "squash", intended_use: str = "tests only <b>not</b> for patients") -> Path:
     k = len(classes)
     pp = Preprocessing(size=size, channels=1, mean=0.5, std=0.25, resize=resize)
     w, b = brightness_weights(k)
@@ -43,7 +43,7 @@ def build_tiny_cam_model(path: "str | Path", classes=CLASSES, size: int = 32, gr
     model.ir_version = 8
     cam = {"available": True, "output": "cam", "layer": "avgpool", "grid": [grid, grid]}
     info = ModelInfo(classes=list(classes), preprocess=pp, arch="tiny_cam", input_name="image",
-                     extra={"cam": cam, "intended_use": "tests only <b>not</b> for patients"})
+                     extra={"cam": cam, "intended_use": intended_use})
     onnx.helper.set_model_props(model, info.to_props())
     onnx.checker.check_model(model)
     path = Path(path)
