@@ -151,6 +151,10 @@ _TEMPLATE = """<!DOCTYPE html>
   <span id="range"></span>
   <button id="next" type="button">next &#8250;</button></span>
 </nav>
+<p id="heatnote" class="note" hidden>Heatmap: a class-activation map of the predicted class. Red marks
+where the model found the strongest evidence for that label in this image, blue the weakest (scaled within
+each image; the probability says how strong). It shows what the model looked at, not a lesion outline.
+Click a heatmap for the full-size figure with its colour scale.</p>
 <table id="rows" class="rows"><thead><tr id="head"></tr></thead><tbody id="body"></tbody></table>
 <p id="empty" class="empty" hidden>No file matches this filter.</p>
 <script type="application/json" id="cxr-data">@DATA@</script>
@@ -186,7 +190,10 @@ select,button{font:inherit;padding:2px 6px}
 .bar>i{display:block;height:6px;border-radius:3px;background:#1d2b3a}
 .top1{font-weight:700}
 .path{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;word-break:break-all;max-width:420px}
-.errmsg{color:#b42318;font-size:13px}
+.errmsg{color:#b42318;font-size:13px;font-family:system-ui,sans-serif}
+.fname{font-weight:600;font-size:13px}
+.dir{color:#6b7580}
+.note{margin:8px 18px;font-size:13px;color:#3b4450;max-width:1100px}
 tr.errrow td{background:#fff6f5}
 .empty{margin:18px}
 """
@@ -269,7 +276,8 @@ _SCRIPT = r"""
     const sgn = st.dir === "desc" ? -1 : 1;
     const cmp = {
       order: (a, b) => a.i - b.i,
-      confidence: (a, b) => (("c" in a ? a.c : -1) - ("c" in b ? b.c : -1)) * sgn || a.i - b.i,
+      // files without a confidence (errors) go last in either direction
+      confidence: (a, b) => (("c" in b) - ("c" in a)) || ((a.c || 0) - (b.c || 0)) * sgn || a.i - b.i,
       "class": (a, b) => ((a.l || "\uffff") < (b.l || "\uffff") ? -1 : (a.l || "\uffff") > (b.l || "\uffff") ? 1 : 0) * sgn
         || (("c" in b ? b.c : -1) - ("c" in a ? a.c : -1)) || a.i - b.i,
       path: (a, b) => (a.p < b.p ? -1 : a.p > b.p ? 1 : 0) * sgn || a.i - b.i,
@@ -282,6 +290,7 @@ _SCRIPT = r"""
   const head = $("head");
   const hasHeat = D.rows.some((r) => r.hm);
   const hasQc = D.rows.some((r) => "q" in r || "t" in r || r.f);
+  $("heatnote").hidden = !hasHeat;
   ["#", "X-ray"].concat(hasHeat ? ["heatmap"] : [], ["prediction", "confidence"], CLASSES.map((c) => "p(" + c + ")"),
     hasQc ? ["input check"] : [], ["file"]).forEach((h) => head.appendChild(el("th", h)));
 
@@ -339,7 +348,9 @@ _SCRIPT = r"""
       tr.appendChild(td);
     }
     const tdp = el("td", null, "path");
-    tdp.appendChild(el("div", r.p));
+    const cut = r.p.lastIndexOf("/") + 1;
+    tdp.appendChild(el("div", r.p.slice(cut), "fname"));
+    if (cut > 0) tdp.appendChild(el("div", r.p.slice(0, cut), "dir"));
     if ("e" in r) tdp.appendChild(el("div", r.e, "errmsg"));
     tr.appendChild(tdp);
     return tr;
