@@ -108,10 +108,11 @@ class Classifier:
         probs, cam = self.model.run_with_cam(self._tensor(x)[None])
         return to_prediction(probs[0], self.model.classes), cam[0]
 
-    def classify_many(self, paths: "Iterable[str | os.PathLike[str]]") -> list[ScanResult]:
-        """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order."""
+    def classify_many(self, paths: "Iterable[str | os.PathLike[str]]", heatmaps: bool = False) -> list[ScanResult]:
+        """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order.
+        ``heatmaps=True`` fills each classified result's ``heatmap`` (float32 [K, h, w])."""
         return list(iter_scan(self.model, [os.fspath(p) for p in paths],
-                              batch_size=self.batch_size, workers=self.workers, triage=self.triage_policy))
+                              batch_size=self.batch_size, workers=self.workers, triage=self.triage_policy, heatmaps=heatmaps))
 
     def scan(
         self, paths_or_dirs: "Iterable[str | os.PathLike[str]] | str | os.PathLike[str]",
