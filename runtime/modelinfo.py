@@ -48,6 +48,7 @@ def describe_model(model: Model) -> dict[str, Any]:
                 "checkpoint_sha256", "created", "producer"):
         d[key] = extra.pop(key, None)
     d.update(_triage_description(info, extra))
+    d["heatmaps"] = extra.pop("cam", None)
     d["other_metadata"] = extra
     return d
 
@@ -99,6 +100,11 @@ def format_description(d: dict[str, Any]) -> str:
         f"output         {out['name']} {out['type']} {out['shape']}",
         "preprocess     " + ", ".join(f"{k}={v}" for k, v in d["preprocess"].items()),
     ]
+    cam = d.get("heatmaps")
+    if isinstance(cam, dict):
+        lines.append("heatmaps       " + (f"yes: output {cam.get('output')!r}, grid {cam.get('grid')}, layer "
+                                          f"{cam.get('layer')} (scan --heatmaps DIR)" if cam.get("available")
+                                          else f"no: {cam.get('reason')}"))
     for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
         if d.get(key):
             lines.append(f"{key:<14} {printable(str(d[key]))}")  # from the model file: no terminal escapes

@@ -142,5 +142,14 @@ def test_cam_parity_fails_on_a_moved_map():
     moved = np.roll(ref, 1, axis=3)
     bad = parity.compare_cam(ref, moved, "x", 1e-3, "rolled")
     assert not bad.passed and bad.peak_agreement < 1.0
+    # int8's criterion: one bad map in 120 passes at p95, not at max; 12 in 120 fail both
+    many = rng.normal(size=(40, 3, 7, 7)).astype(np.float32)
+    noisy = many.copy()
+    noisy[0, 0, 0, 0] += 10 * np.ptp(many[0, 0])
+    assert parity.compare_cam(many, noisy, "x", 0.2, "i8", criterion="p95").passed
+    assert not parity.compare_cam(many, noisy, "x", 0.2, "i8", criterion="max").passed
+    noisy[:12, 1, 3, 3] += 10 * np.ptp(many[:12, 1], axis=(1, 2))
+    assert not parity.compare_cam(many, noisy, "x", 0.2, "i8", criterion="p95").passed
+    assert not parity.compare_cam(many, noisy, "x", 0.2, "i8", criterion="max").passed
     with pytest.raises(parity.ParityError, match="class-activation map parity FAILED"):
         parity.require_cam(bad)
