@@ -18,7 +18,7 @@ over four disjoint regions of that square (fractions of its side):
 A map spread evenly would give each region its share of the area, printed as the first row;
 more than that is where the model looks. ``peak %`` counts the images whose hottest pixel lies
 in each region. Rows: (source, true class). A source is the split item's ``source`` (issue 10's
-manifests), else the split's name; each ``--folder NAME=DIR`` (labelled ``<Class>/images/*`` or
+manifests), else the split's data folder and subset; each ``--folder NAME=DIR`` (labelled ``<Class>/images/*`` or
 class folders) is a source of its own. Letters cannot be told from the corners without OCR: the
 corners stand in for them.
 """
@@ -66,7 +66,7 @@ def heat_shares(cam2d: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[dict[s
 def _split_items(split: str, subset: str, data_root: str | None) -> list[tuple[str, str, str]]:
     man = json.loads(Path(split).read_text())
     root = Path(data_root or man.get("root") or Path(split).parent)
-    name = Path(split).stem if Path(split).stem != "split" else Path(split).parent.name
+    name = f"{root.name} ({subset})"
     return [(str(root / it["path"]), it["label"], it.get("source") or name)
             for it in man["items"] if it["split"] == subset]
 
