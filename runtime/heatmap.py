@@ -29,7 +29,8 @@ _ANCHORS = np.array([
 LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS[:, 0], _ANCHORS[:, i]) for i in (1, 2, 3)],
                axis=1).round().astype(np.uint8)
 FIGURE_SIDE = 512  # longer side of the film in a heatmap figure
-MAX_ALPHA = 0.55  # opacity of the hottest colour; the film stays visible underneath
+MAX_ALPHA = 0.6  # opacity of the hottest colour; the film stays visible underneath
+ALPHA_GAMMA = 1.5  # opacity grows faster than heat: the film stays clear where the evidence is weak
 
 
 def normalize_map(cam: np.ndarray) -> np.ndarray:
@@ -72,7 +73,7 @@ def overlay(image: Image.Image, cam: np.ndarray, pp: Preprocessing) -> Image.Ima
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     heat, seen = map_on_image(cam, image.size, pp)
     colour = LUT[np.round(heat * 255).astype(np.uint8)].astype(np.float32)
-    alpha = (MAX_ALPHA * heat * seen)[..., None]
+    alpha = (MAX_ALPHA * heat ** ALPHA_GAMMA * seen)[..., None]
     out = gray[..., None] * (1 - alpha) + colour * alpha
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="RGB")
 
