@@ -78,6 +78,12 @@ def model_summary(model: Any) -> dict:
     test = ((metrics.get("training") or {}).get("test") or {}) if isinstance(metrics.get("training"), dict) else {}
     cam = ex.get("cam") if isinstance(ex.get("cam"), dict) else {}
     acc = test.get("accuracy") if isinstance(test, dict) else None
+    accuracy = f"{100 * acc:.2f}% on {test.get('n', '?')} test images" if isinstance(acc, (int, float)) else None
+    export = metrics.get("export") if isinstance(metrics.get("export"), dict) else {}
+    mine = export.get(f"onnx_{info.precision}")
+    if accuracy is None and isinstance(mine, dict) and isinstance(mine.get("accuracy"), (int, float)):
+        images = export.get("images") if isinstance(export.get("images"), dict) else {}
+        accuracy = f"{100 * mine['accuracy']:.2f}% on {images.get('n', '?')} images at export ({images.get('source', '?')})"
     return {
         "name": os.path.basename(str(model.path)),
         "precision": info.precision,
@@ -85,7 +91,7 @@ def model_summary(model: Any) -> dict:
         "classes": list(info.classes),
         "input": f"{info.preprocess.channels}x{info.preprocess.size}x{info.preprocess.size}, {info.preprocess.resize}",
         "training_data": str(training.get("name") or training.get("root") or "not recorded"),
-        "test_accuracy": f"{100 * acc:.2f}% on {test.get('n', '?')} test images" if isinstance(acc, (int, float)) else "not recorded",
+        "test_accuracy": accuracy or "not recorded",
         "intended_use": str(ex.get("intended_use") or ""),
         "heatmaps": (f"class-activation map from layer {cam.get('layer')}, grid {cam.get('grid')}"
                      if cam.get("available") else "none in this model"),
