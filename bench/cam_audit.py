@@ -133,8 +133,9 @@ def table(records: list[dict], masks: dict[str, np.ndarray]) -> str:
 
 
 def write_examples(clf, records: list[dict], out_dir: str, n: int, side: int = 320) -> list[str]:
-    """Small heatmap figures: per (source, class), the image whose heat lies most outside the chest
-    box, until ``n`` are written; palette PNGs to keep docs small."""
+    """Small heatmap figures of *typical* maps: per (source, class) the image whose chest share is
+    the group's median, taking sources in turn so ``n`` figures cover as many sources as they
+    can. 256-colour PNGs (~35 kB) to keep the docs small."""
     from PIL import Image
 
     import cxr.runtime.heatmap as hm
@@ -142,10 +143,18 @@ def write_examples(clf, records: list[dict], out_dir: str, n: int, side: int = 3
     from cxr.runtime.safepaths import output_name_for
 
     os.makedirs(out_dir, exist_ok=True)
+    by_source = defaultdict(list)
     groups = defaultdict(list)
     for rec in records:
         groups[(rec["source"], rec["label"])].append(rec)
-    picks = [max(g, key=lambda r: 1 - r["shares"]["chest"]) for _, g in sorted(groups.items())][:n]
+    for (source, label), g in sorted(groups.items()):
+        med = float(np.median([r["shares"]["chest"] for r in g]))
+        by_source[source].append(min(g, key=lambda r: abs(r["shares"]["chest"] - med)))
+    picks = []
+    while len(picks) < n and any(by_source.values()):
+        for source in sorted(by_source):
+            if by_source[source] and len(picks) < n:
+                picks.append(by_source[source].pop(0))
     written = []
     old = hm.FIGURE_SIDE
     hm.FIGURE_SIDE = side
@@ -154,11 +163,10 @@ def write_examples(clf, records: list[dict], out_dir: str, n: int, side: int = 3
             pred, maps = clf.explain(rec["path"])
             fig = hm.render_heatmap(load_image(rec["path"]), maps[clf.classes.index(pred.label)], clf.preprocessing,
                                     pred.label, pred.confidence,
-                                    caption=f"{rec['source']}, true {rec['label']}: "
-                                            f"{100 * (1 - rec['shares']['chest']):.0f}% of heat outside the chest box")
-            name = output_name_for(rec["path"], None, ".png")
-            path = os.path.join(out_dir, f"cam-{name}")
-            fig.convert("RGB").quantize(colors=96, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+                                    caption=f"true {rec['label']}; {rec['source']}; "
+                                            f"chest box {100 * rec['shares']['chest']:.0f}%")
+            path = os.path.join(out_dir, "cam-" + output_name_for(rec["path"], None, ".png"))
+            fig.convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
             written.append(path)
     finally:
         hm.FIGURE_SIDE = old
