@@ -124,7 +124,9 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     outputs = None
     if heatmaps_dir or html_path:
         if heatmaps_dir and not model.has_cam:
-            why = (model.info.extra.get("cam") or {}).get("reason") if isinstance(model.info.extra.get("cam"), dict) else None
+            from .session import cam_metadata
+
+            why = (cam_metadata(model.info) or {}).get("reason")
             _fail(ctx, f"--heatmaps: {model.path} has no class-activation map output"
                        + (f" ({why})" if why else " (exported before heatmaps existed; re-export it with cxr-export)"))
         from .scan_outputs import ScanOutputs, scan_root

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .session import Model
+from .session import Model, cam_metadata
 from .terminal_text import printable
 
 
@@ -48,7 +48,8 @@ def describe_model(model: Model) -> dict[str, Any]:
                 "checkpoint_sha256", "created", "producer"):
         d[key] = extra.pop(key, None)
     d.update(_triage_description(info, extra))
-    d["heatmaps"] = extra.pop("cam", None)
+    extra.pop("cam", None)
+    d["heatmaps"] = cam_metadata(info)
     d["other_metadata"] = extra
     return d
 
@@ -102,9 +103,9 @@ def format_description(d: dict[str, Any]) -> str:
     ]
     cam = d.get("heatmaps")
     if isinstance(cam, dict):
-        lines.append("heatmaps       " + (f"yes: output {cam.get('output')!r}, grid {cam.get('grid')}, layer "
-                                          f"{cam.get('layer')} (scan --heatmaps DIR)" if cam.get("available")
-                                          else f"no: {cam.get('reason')}"))
+        text = (f"yes: output {cam.get('output')!r}, grid {cam.get('grid')}, layer {cam.get('layer')} "
+                "(scan --heatmaps DIR)" if cam.get("available") else f"no: {cam.get('reason')}")
+        lines.append("heatmaps       " + printable(text))  # from the model file: no terminal escapes
     for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
         if d.get(key):
             lines.append(f"{key:<14} {printable(str(d[key]))}")  # from the model file: no terminal escapes

@@ -76,7 +76,9 @@ def model_summary(model: Any) -> dict:
     training = ex.get("training_data") if isinstance(ex.get("training_data"), dict) else {}
     metrics = ex.get("metrics") if isinstance(ex.get("metrics"), dict) else {}
     test = ((metrics.get("training") or {}).get("test") or {}) if isinstance(metrics.get("training"), dict) else {}
-    cam = ex.get("cam") if isinstance(ex.get("cam"), dict) else {}
+    from .session import cam_metadata
+
+    cam = cam_metadata(info) or {}
     acc = test.get("accuracy") if isinstance(test, dict) else None
     accuracy = f"{100 * acc:.2f}% on {test.get('n', '?')} test images" if isinstance(acc, (int, float)) else None
     export = metrics.get("export") if isinstance(metrics.get("export"), dict) else {}

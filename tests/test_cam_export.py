@@ -35,7 +35,8 @@ def cam_export(tmp_path_factory):
 
 
 def _meta(path: Path) -> dict:
-    return decode_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}).extra
+    extra = decode_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}).extra
+    return {**extra, "cam": json.loads(extra["cam"])}  # feature keys stay JSON strings for their parser
 
 
 def _images(root: Path, n: int = 9) -> np.ndarray:
