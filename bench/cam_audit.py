@@ -17,8 +17,8 @@ over four disjoint regions of that square (fractions of its side):
 
 A map spread evenly would give each region its share of the area, printed as the first row;
 more than that is where the model looks. ``peak %`` counts the images whose hottest pixel lies
-in each region. Rows: (source, true class). A source is the split item's ``source`` (issue 10's
-manifests), else the split's data folder and subset; each ``--folder NAME=DIR`` (labelled ``<Class>/images/*`` or
+in each region. Rows: (source, true class). A source is the split item's ``source`` (a format-1
+manifest has one, named after its data folder), with the subset; each ``--folder NAME=DIR`` (labelled ``<Class>/images/*`` or
 class folders) is a source of its own. Letters cannot be told from the corners without OCR: the
 corners stand in for them.
 """
@@ -63,11 +63,13 @@ def heat_shares(cam2d: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[dict[s
     return shares, next(r for r, m in masks.items() if m[peak])
 
 
-def _split_items(split: str, subset: str, data_root: str | None) -> list[tuple[str, str, str]]:
-    man = json.loads(Path(split).read_text())
-    root = Path(data_root or man.get("root") or Path(split).parent)
-    name = f"{root.name} ({subset})"
-    return [(str(root / it["path"]), it["label"], it.get("source") or name)
+def _split_items(split: str, subset: str, data_roots: list[str]) -> list[tuple[str, str, str]]:
+    """(path, label, source) of a split's subset; format-1 manifests are one source named after
+    their root folder (``read_split_manifest``)."""
+    from cxr.runtime.dataset import item_path, override_roots, read_split_manifest
+
+    man = override_roots(read_split_manifest(split), data_roots or None)
+    return [(str(item_path(man, it)), it["label"], f"{it['source']} ({subset})")
             for it in man["items"] if it["split"] == subset]
 
 
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="ONNX model with a 'cam' output (cxr-export)")
     ap.add_argument("--split", help="cxr-train split.json")
     ap.add_argument("--subset", default="test", choices=["test", "val", "train"])
-    ap.add_argument("--data-root", help="resolve split items against this folder")
+    ap.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                    help="where the split's sources live now (one per source, repeat; like cxr-export --data-root)")
     ap.add_argument("--folder", action="append", default=[], metavar="NAME=DIR", help="labelled folder as a source")
     ap.add_argument("--limit", type=int, default=None, help="at most N images per (source, class)")
     ap.add_argument("--examples", help="write example heatmap figures to this folder")

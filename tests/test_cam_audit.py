@@ -59,3 +59,21 @@ def test_audit_script_prints_the_table_per_source(tmp_path):
     bright = [r for r in recs if r["label"] == "Viral Pneumonia"]
     assert len(recs) == 6 and all(r["pred"] == "Viral Pneumonia" and r["peak"] == "corners" for r in bright)
     assert len(list((tmp_path / "ex").iterdir())) == 2
+
+
+def test_audit_reads_a_split_with_sources(tmp_path):
+    model = build_tiny_cam_model(tmp_path / "cam.onnx", size=32, grid=4)
+    items = []
+    for source in ("site-a", "site-b"):
+        (tmp_path / source / "COVID").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (40, 40), 10).save(tmp_path / source / "COVID" / f"{i}.png")
+            items.append({"path": f"COVID/{i}.png", "label": "COVID", "split": "test" if i else "train",
+                          "source": source})
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"format": "cxr-split/2", "seed": 0, "classes": ["COVID"], "items": items,
+                                 "sources": [{"name": s, "root": str(tmp_path / s)} for s in ("site-a", "site-b")]}))
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "cam_audit.py"), "--model", str(model),
+                          "--split", str(split), "--subset", "test"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "site-a (test)" in out.stdout and "site-b (test)" in out.stdout and "2 images" in out.stdout
