@@ -218,6 +218,21 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
                  f"{_pct(val.get('top1_agreement'))}%; bound: drop <= {(quant.get('bound') or {}).get('max_accuracy_drop_points')} "
                  f"points, agreement >= {(quant.get('bound') or {}).get('min_agreement_percent')}%.")
         L.append(f"- nodes kept in float: {', '.join(f'{k} ({v})' for k, v in kept.items()) or 'none'}.")
+    cam = _json(x.get("cam"))
+    cam = cam if isinstance(cam, dict) else {}
+    if cam.get("available"):
+        cp = cam.get("parity") or {}
+        f32, i8 = cp.get("fp32_vs_pytorch") or {}, cp.get("int8_vs_fp32") or {}
+        line = (f"- heatmaps: output `{cam.get('output')}` [N, K, {', '.join(map(str, cam.get('grid') or []))}], "
+                f"class-activation maps from layer `{cam.get('layer')}`")
+        if f32:
+            line += f"; fp32 vs PyTorch worst cell {f32.get('max_rel_diff', 0):.2g} of the map's range"
+        if i8:
+            line += (f"; int8 vs fp32 p95 worst cell {i8.get('p95_rel_diff', 0):.2g} of the range, hottest cell "
+                     f"the same in {_pct(i8.get('peak_agreement'))}% of maps")
+        L.append(line + " (docs/heatmaps.md).")
+    elif cam:
+        L.append(f"- heatmaps: none ({cam.get('reason')}).")
 
     L += ["", "## Reproduce", ""]
     cmds = [c for c in (reproduce.get("train"), reproduce.get("export")) if c] if isinstance(reproduce, dict) else []

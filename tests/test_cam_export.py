@@ -65,6 +65,10 @@ def test_fp32_and_int8_have_cam_output_and_metadata(cam_export):
     assert report["models"]["onnx_int8"]["cam_vs_fp32"]["n_images"] == report["parity_cam"]["n_images"] > 0
     # the int8 map's 1x1 conv is kept in float, like the softmax
     assert "Conv" in _meta(int8)["quantization"]["nodes_kept_float"].values()
+    from cxr.export.card import model_card
+
+    card = model_card({p.key: p.value for p in onnx.load(str(int8)).metadata_props})
+    assert "heatmaps: output `cam` [N, K, 2, 2]" in card and "int8 vs fp32 p95 worst cell" in card
 
 
 def test_cam_spatial_mean_is_the_logit(cam_export):
@@ -112,6 +116,9 @@ def test_architectures_without_cam_say_why(tmp_path):
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities"]
     meta = _meta(out)["cam"]
     assert meta == {"available": False, "reason": cam_mod.cam_support("baseline_cnn").reason}
+    from cxr.export.card import model_card
+
+    assert "heatmaps: none (the head flattens" in model_card({p.key: p.value for p in onnx.load(str(out)).metadata_props})
     from cxr.runtime.session import load_model
 
     assert not load_model(out).has_cam
