@@ -171,3 +171,14 @@ def test_heatmaps_need_a_model_with_maps(tiny_model_path, tmp_path):
                                    "--heatmaps", str(tmp_path / "h")])
     assert res.exit_code == 2
     assert "no class-activation map output" in res.stderr and "re-export" in res.stderr
+
+
+def test_a_model_claiming_maps_it_lacks_is_refused(tmp_path):
+    from cxr.runtime.session import ModelLoadError, load_model
+    from tiny_model import build_tiny_model
+
+    liar = build_tiny_model(tmp_path / "liar.onnx", extra={"cam": {"available": True, "output": "cam"}})
+    with pytest.raises(ModelLoadError, match="cxr.cam names output 'cam'"):
+        load_model(liar)
+    honest = build_tiny_model(tmp_path / "no.onnx", extra={"cam": {"available": False, "reason": "x"}})
+    assert not load_model(honest).has_cam
