@@ -116,10 +116,10 @@ def audit(model_path: str, items: list[tuple[str, str, str]], batch_size: int = 
 
 def table(records: list[dict], masks: dict[str, np.ndarray]) -> str:
     area = {r: float(m.mean()) for r, m in masks.items()}
-    head = (f"{'source':<34} {'class':<16} {'n':>5} {'acc %':>6}  " + " ".join(f"{r:>8}" for r in REGIONS)
+    head = (f"{'source':<44} {'class':<16} {'n':>5} {'acc %':>6}  " + " ".join(f"{r:>8}" for r in REGIONS)
             + "   peak% " + " ".join(f"{r[:6]:>6}" for r in REGIONS))
     lines = [head, "-" * len(head),
-             f"{'(even spread = share of area)':<34} {'':<16} {'':>5} {'':>6}  "
+             f"{'(even spread = share of area)':<44} {'':<16} {'':>5} {'':>6}  "
              + " ".join(f"{100 * area[r]:>7.1f}%" for r in REGIONS)]
     groups = defaultdict(list)
     for rec in records:
@@ -128,7 +128,7 @@ def table(records: list[dict], masks: dict[str, np.ndarray]) -> str:
         acc = 100 * np.mean([x["pred"] == x["label"] for x in g])
         mean = {r: 100 * np.mean([x["shares"][r] for x in g]) for r in REGIONS}
         peaks = {r: 100 * np.mean([x["peak"] == r for x in g]) for r in REGIONS}
-        lines.append(f"{source[:34]:<34} {label[:16]:<16} {len(g):>5} {acc:>6.1f}  "
+        lines.append(f"{source[:44]:<44} {label[:16]:<16} {len(g):>5} {acc:>6.1f}  "
                      + " ".join(f"{mean[r]:>7.1f}%" for r in REGIONS)
                      + "         " + " ".join(f"{peaks[r]:>6.1f}" for r in REGIONS))
     return "\n".join(lines)
