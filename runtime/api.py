@@ -106,7 +106,8 @@ class Classifier:
         the original image. Raises ValueError for a model without maps.
         """
         probs, cam = self.model.run_with_cam(self._tensor(x)[None])
-        return to_prediction(probs[0], self.model.classes), cam[0]
+        pred = to_prediction(probs[0], self.model.classes)
+        return triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction, cam[0]
 
     def classify_many(self, paths: "Iterable[str | os.PathLike[str]]", heatmaps: bool = False) -> list[ScanResult]:
         """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order.

@@ -25,9 +25,6 @@ import json
 import os
 from typing import Any
 
-FLAG_FREE_QC = frozenset({"", "ok", "pass", "passed"})
-
-
 def embed_json(data: Any) -> str:
     """JSON safe inside ``<script type="application/json">``: no tag, comment or entity can
     start in it, and non-ASCII (U+2028 included) is escaped."""
@@ -37,13 +34,15 @@ def embed_json(data: Any) -> str:
 
 def row_flags(result: Any) -> list[str]:
     """Why a classified row deserves a look beyond its label: the input check's verdict (issue
-    11's ``qc``) or a triage decision to refer (issue 13's ``triage``), where the result has them."""
+    11's ``qc``) or a triage decision to refer (issue 13's ``triage``), where the result has them;
+    the same rules as ``triage.py`` (a flagged input is one whose ``qc`` is not a pass)."""
+    from .triage import REFER, qc_flagged
+
     flags = []
     qc = getattr(result, "qc", None)
-    if qc is not None and str(qc).strip().lower() not in FLAG_FREE_QC:
+    if qc_flagged(qc):
         flags.append(f"input check: {qc}")
-    triage = getattr(result, "triage", None)
-    if triage is not None and str(triage).strip().lower() == "refer":
+    if getattr(result, "triage", None) == REFER:
         flags.append("triage: refer")
     return flags
 
@@ -300,7 +299,7 @@ _SCRIPT = r"""
   const hasQc = D.rows.some((r) => "q" in r || "t" in r || r.f);
   $("heatnote").hidden = !hasHeat;
   ["#", "X-ray"].concat(hasHeat ? ["heatmap"] : [], ["prediction", "confidence"], CLASSES.map((c) => "p(" + c + ")"),
-    hasQc ? ["input check"] : [], ["file"]).forEach((h) => head.appendChild(el("th", h)));
+    hasQc ? ["input check / triage"] : [], ["file"]).forEach((h) => head.appendChild(el("th", h)));
 
   let loaded = 0, failed = 0;
   function img(src, alt, href) {
