@@ -350,7 +350,7 @@ _SCRIPT = r"""
     if (hasQc) {
       const td = el("td");
       if ("q" in r) td.appendChild(el("div", r.q + ("qs" in r ? " (" + r.qs + ")" : "")));
-      if ("t" in r) td.appendChild(el("div", "triage: " + r.t));
+      if ("t" in r && (r.f || []).indexOf("triage: " + r.t) < 0) td.appendChild(el("div", "triage: " + r.t));
       (r.f || []).forEach((f) => td.appendChild(el("div", f, "flag")));
       tr.appendChild(td);
     }
