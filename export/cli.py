@@ -138,7 +138,7 @@ def _pct(x) -> str:
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Parity/eval images instead of the manifest's test split: class folders or any image folder.")
 @click.option("--parity-limit", default=256, type=click.IntRange(min=0),
-              help="At most this many eval images (stratified, class proportions kept); 0 = all.")
+              help="At most this many eval images (stratified by (source, class), proportions kept); 0 = all.")
 @click.option("--parity-atol", default=1e-4, type=click.FloatRange(min=0),
               help="Largest allowed |p_torch - p_onnx| for fp32.")
 @click.option("--parity-min-agreement", default=100.0, type=click.FloatRange(0, 100),
@@ -150,7 +150,7 @@ def _pct(x) -> str:
               help="auto, or SCHEME[,SCHEME...] like u8s8-minmax, s8s8-percentile, u8s8-minmax-rr "
                    "(activation+weight type, calibration minmax|percentile|entropy, -rr = reduce_range).")
 @click.option("--calib-count", default=200, type=click.IntRange(min=1),
-              help="Training-split images used for calibration (equal per class).")
+              help="Training-split images used for calibration (equal per (source, class) group).")
 @click.option("--val-limit", default=1000, type=click.IntRange(min=0),
               help="Validation images that judge int8 candidates (stratified); 0 = all.")
 @click.option("--int8-max-drop", default=0.5, type=float,
