@@ -122,6 +122,8 @@ class Model:
         the map only when asked (``cam``), the input check's score whenever the graph has one."""
         if cam and self.cam_output is None:
             raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
+        if not cam and not self.qc_output:
+            return self.run(batch), None, None
         names = [self.output_name] + ([self.cam_output] if cam else []) + ([self.qc_output] if self.qc_output else [])
         outs = self.session.run(names, {self.input_name: batch})
         n = batch.shape[0]

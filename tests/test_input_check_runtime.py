@@ -193,7 +193,7 @@ def test_every_format_carries_qc_and_withholds_no_diagnosis_rows(graded, qc_mode
               "d_blank.png": "not_chest_xray"}
     r = run("scan", graded, "--model", qc_model, "--format", "csv")
     header, rows = parse_csv(r.stdout)
-    assert header[-2:] == ["qc", "qc_score"] and header[:2] == ["path", "prediction"]
+    assert header[-3:] == ["qc", "qc_score", "triage"] and header[:2] == ["path", "prediction"]
     by = {Path(x["path"]).name: x for x in rows}
     assert {k: v["qc"] for k, v in by.items()} == expect
     assert by["a_mid.png"]["prediction"] == MID and float(by["a_mid.png"]["qc_score"]) < 1
@@ -213,7 +213,7 @@ def test_every_format_carries_qc_and_withholds_no_diagnosis_rows(graded, qc_mode
         assert by["c_white.png"]["qc_score"] > THRESHOLDS["not_chest_xray"]
 
     lines = run("scan", graded, "--model", qc_model, "--format", "table").stdout.splitlines()
-    assert lines[0].split()[-3:] == ["qc", "qc_score", "path"]
+    assert lines[0].split()[-4:] == ["qc", "qc_score", "triage", "path"]
     white = next(x for x in lines if "c_white.png" in x)
     assert white.split()[0] == "-" and "not_chest_xray" in white and "qc_score" in white  # the reason
     assert next(x for x in lines if "a_mid.png" in x).split()[0] == MID
