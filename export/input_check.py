@@ -196,7 +196,10 @@ def fit_depth(name: str, x: np.ndarray, k: int) -> DepthModel:
     n, d = x.shape
     mean = x.mean(0)
     sd = x.std(0)
-    sd = np.maximum(sd, SD_FLOOR * max(float(sd.mean()), 1e-12))
+    # dead or constant features (a briefly trained net has many) must not turn float rounding into
+    # huge distances: floor the sd at a share of the tap's typical sd and of its activation scale
+    rms = float(np.sqrt(np.mean(x * x)))
+    sd = np.maximum(sd, max(SD_FLOOR * float(sd.mean()), 1e-3 * rms, 1e-6))
     z = (x - mean) / sd
     cov = (z.T @ z) / max(n - 1, 1)
     lam, vec = np.linalg.eigh(cov)
@@ -212,7 +215,10 @@ def fit_depth(name: str, x: np.ndarray, k: int) -> DepthModel:
                     1.0 / np.maximum(lam[:k], max(residual, floor)), 1.0 / residual if rest.size else 0.0)
     d2 = dm.distance2(x)
     dm.center = float(d2.mean())
-    dm.inv_scale = 1.0 / max(float(d2.std()), 1e-9)
+    # with fewer images than kept components every training image sits at the same in-sample
+    # distance (sd 0); a chi-squared's sd for that mean, sqrt(2 x mean), is the floor (on the
+    # shipped model's training split the measured sd was 3 to 9 times larger, so it does not bind)
+    dm.inv_scale = 1.0 / max(float(d2.std()), float(np.sqrt(2.0 * max(dm.center, 0.0))), 1e-9)
     return dm
 
 
@@ -376,7 +382,7 @@ def fit(model, pp: Preprocessing, train_items: Sequence[tuple[Path, str]], compo
 
     import onnxruntime as ort
 
-    from .onnx_export import export_fp32
+    from .onnx_export import export_module
 
     t0 = time.perf_counter()
     taps = find_taps(model, (pp.channels, pp.size, pp.size))
@@ -387,8 +393,7 @@ def fit(model, pp: Preprocessing, train_items: Sequence[tuple[Path, str]], compo
     with tempfile.TemporaryDirectory(prefix="cxr-qc-", dir=workdir) as tmp:
         path = Path(tmp) / "taps.onnx"
         try:
-            export_fp32(model, (pp.channels, pp.size, pp.size), path, exporter, opset, wrapped=taps_only,
-                        output_names=names)
+            export_module(taps_only, (pp.channels, pp.size, pp.size), path, list(names), exporter, opset)
         finally:
             taps_only.recorder.remove()
         so = ort.SessionOptions()
