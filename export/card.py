@@ -237,9 +237,9 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
     elif cam:
         L.append(f"- heatmaps: none ({cam.get('reason')}).")
 
-    from .input_check_report import card_lines
+    from .input_check_report import card_lines as input_check_lines
 
-    L += card_lines(x.get("input_check"))
+    L += input_check_lines(x.get("input_check"))
 
     L += ["", "## Reproduce", ""]
     cmds = [c for c in (reproduce.get("train"), reproduce.get("export")) if c] if isinstance(reproduce, dict) else []
