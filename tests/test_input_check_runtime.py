@@ -286,3 +286,15 @@ def test_bench_not_xray_per_kind_xrays_and_auroc(tmp_path, qc_model, tiny_model_
     old = run("bench", data, "--model", tiny_model_path, "--not-xray", nx, "--runs", "3")
     assert old.exit_code == 0 and "this model has no input check" in old.stdout
     assert run("bench", data, "--model", qc_model, "--not-xray", tmp_path / "nope").exit_code == 2
+
+
+def test_review_page_row_shows_no_class_for_a_withheld_diagnosis():
+    from cxr.runtime.engine import Prediction, ScanResult
+    from cxr.runtime.review_page import page_row
+
+    probs = {"COVID": 0.9, "Normal": 0.1}
+    shown = page_row(0, ScanResult("a.png", Prediction("COVID", 0.9, probs, qc="unfamiliar")), ["COVID", "Normal"], "a", {})
+    hidden = page_row(1, ScanResult("b.png", Prediction("COVID", 0.9, probs, qc="not_chest_xray")),
+                      ["COVID", "Normal"], "b", {})
+    assert shown["l"] == "COVID" and shown["q"] == "unfamiliar"
+    assert hidden["l"] == "" and hidden["q"] == "not_chest_xray" and "input check: not_chest_xray" in hidden["f"]
