@@ -110,7 +110,10 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
     L += ["", "## Intended use and limits", "", x.get("intended_use", "Research use only; not a diagnosis."), ""]
     L += ["- A research and triage aid, **not a diagnosis**: every output needs review by a qualified reader.",
           f"- It knows exactly {len(classes)} classes ({', '.join(classes)}) and always answers with one of "
-          "them; findings outside these classes (other diseases, devices, non-chest images) are not detected.",
+          + ("them; findings outside these classes (other diseases, devices) are not detected. Images that are "
+             "not frontal chest X-rays are flagged by the input check below and shown without a class."
+             if x.get("input_check") else
+             "them; findings outside these classes (other diseases, devices, non-chest images) are not detected."),
           probability_note(x)]
     if db:
         if "Lung_Opacity" not in classes:
@@ -233,6 +236,10 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
         L.append(line + " (docs/heatmaps.md).")
     elif cam:
         L.append(f"- heatmaps: none ({cam.get('reason')}).")
+
+    from .input_check_report import card_lines as input_check_lines
+
+    L += input_check_lines(x.get("input_check"))
 
     L += ["", "## Reproduce", ""]
     cmds = [c for c in (reproduce.get("train"), reproduce.get("export")) if c] if isinstance(reproduce, dict) else []

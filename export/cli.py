@@ -24,7 +24,9 @@ from cxr.runtime.metadata import ModelInfo
 from cxr.runtime.modelinfo import sha256_file
 from cxr.runtime.preprocess import Preprocessing
 
-from . import cam as cam_mod, onnx_export, parity as parity_mod, quantize
+from cxr.runtime.inputcheck import SCORE_OUTPUT
+
+from . import cam as cam_mod, input_check as input_check_mod, onnx_export, parity as parity_mod, quantize
 from .data import (ExportInputError, find_manifest, folder_items, load_checkpoint, load_images, log,
                    read_manifest, stratified_subset)
 from .evaluate import (agreement, classification_metrics, measure_speed, ort_runner, ort_session,
@@ -181,6 +183,20 @@ def _pct(x) -> str:
 @click.option("--int8-cam-tolerance", default=0.2, type=click.FloatRange(min=0),
               help="Largest allowed 95th percentile over maps of the worst int8 |cam_int8 - cam_fp32| as a "
                    "fraction of the map's range; over it, int8 is refused.")
+@click.option("--input-check/--no-input-check", "input_check", default=True,
+              help="Add the qc_score output, fitted on the training split, thresholds from the validation split.")
+@click.option("--qc-components", default=64, type=click.IntRange(min=1),
+              help="Input check: principal components kept per depth.")
+@click.option("--qc-train-limit", default=0, type=click.IntRange(min=0),
+              help="Input check: at most this many training images for the fit (stratified); 0 = all.")
+@click.option("--qc-val-limit", default=0, type=click.IntRange(min=0),
+              help="Input check: at most this many validation images for the thresholds (stratified); 0 = all.")
+@click.option("--qc-atol", default=1e-3, type=click.FloatRange(min=0),
+              help="fp32 qc_score parity: largest allowed |s_torch - s_onnx| is qc-atol + qc-rtol x |s_torch|.")
+@click.option("--qc-rtol", default=1e-3, type=click.FloatRange(min=0), help="See --qc-atol.")
+@click.option("--ood-dir", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of images that are not chest X-rays (<kind>/...): the report gives the input check's "
+                   "flag rate per kind and AUROC on it; never used to choose anything (repeatable).")
 @click.pass_context
 def main(ctx: click.Context, **opts) -> None:
     """Export a cxr-train CHECKPOINT to ONNX with a parity proof, optionally also int8."""
@@ -207,7 +223,9 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
                keep_float: tuple[str, ...], keep_float_node: tuple[str, ...], bench: bool, bench_runs: int,
                card: bool, intended_use: str | None, train_command: str | None, seed: int,
                calibrate: bool = True, calibration_limit: int = 0, triage_target: float = 0.98,
-               with_cam: bool = True, cam_tolerance: float = 1e-3, int8_cam_tolerance: float = 0.2) -> int:
+               with_cam: bool = True, cam_tolerance: float = 1e-3, int8_cam_tolerance: float = 0.2,
+               input_check: bool = False, qc_components: int = 64, qc_train_limit: int = 0, qc_val_limit: int = 0,
+               qc_atol: float = 1e-3, qc_rtol: float = 1e-3, ood_dir: tuple[Path, ...] = ()) -> int:
     t_start = time.perf_counter()
     if not out.name.endswith(".onnx"):
         raise ExportInputError(f"--out must end in .onnx, got {out}")
@@ -267,6 +285,10 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     ev = load_images(source, items, classes, pp, None if images is not None else man.source_of)
     step = TriageStep.prepare(model, man, classes, pp, seed, calibration_limit, triage_target) if calibrate else None
     temperature = step.temperature if step else None
+    fitted = qc = None
+    if input_check:
+        fitted, qc = _fit_input_check(model, ckpt, man, pp, qc_components, qc_train_limit, qc_val_limit, seed,
+                                      ood_dir, qc_atol, qc_rtol, exporter, opset)
 
     # ---------------------------------------------------------------- fp32 export + parity
     partial = Path(str(out) + ".partial")
@@ -288,9 +310,11 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     try:
         log(f"exporting fp32 ONNX ({exporter})")
         t0 = time.perf_counter()
+        wrapped = None if fitted is None else input_check_mod.wrap_with_score(fitted.taps, fitted.head)
         export_info = onnx_export.export_fp32(model, (pp.channels, pp.size, pp.size), partial, exporter, opset,
                                               temperature=temperature,
-                                              cam_arch=ckpt["arch"] if cam_support.available else None)
+                                              cam_arch=ckpt["arch"] if cam_support.available else None,
+                                              score=None if wrapped is None else (SCORE_OUTPUT, wrapped))
         log(f"exported in {time.perf_counter() - t0:.1f}s: opset {export_info['opset']}; checker and shape inference passed")
         import onnx
 
@@ -319,6 +343,10 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         else:
             log(f"no class-activation map for {ckpt['arch']}: {cam_support.reason}")
         report["cam"] = cam_meta
+        qc_meta = None
+        if qc is not None:
+            qc_meta, report["input_check"] = qc.prove_fp32(wrapped, sess, ev.x, source)
+            wrapped.remove_hooks()
 
         for key, probs, run in (("pytorch", p_torch, torch_run), ("onnx_fp32", p_onnx, onnx_run)):
             entry = {"metrics": classification_metrics(ev.y, probs.argmax(1), classes, ev.sources) if ev.labelled else None,
@@ -345,7 +373,9 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
             "training_data": train_data,
             "created": report["created"],
             "producer": report["producer"],
-            "intended_use": intended_use or DEFAULT_INTENDED_USE.format(classes=", ".join(classes)),
+            "intended_use": intended_use or DEFAULT_INTENDED_USE.format(classes=", ".join(classes)) + (
+                "" if fitted is None else " Its input check (qc) flags images unlike its training X-rays, and "
+                "withholds the class for images that are not frontal chest X-rays."),
             "export": json.dumps({k: v for k, v in export_info.items() if k != "io"}, sort_keys=True),
         }
         training_metrics = {"test": ckpt.get("test_metrics"), "val": ckpt.get("val_metrics"), "epoch": ckpt.get("epoch")}
@@ -359,6 +389,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
             **(step.fp32_metadata() if step else {}),
             "cam": cam_meta,
         }
+        if qc_meta is not None:
+            fp32_extra["input_check"] = qc_meta
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
         _seal(partial, out, info, onnx_export.check_onnx)
@@ -372,7 +404,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         refused = _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes,
                                calib_count, val_limit, int8_max_drop, int8_min_agreement, keep_float,
                                keep_float_node, bench, bench_runs, seed, checkpoint, base_extra,
-                               training_metrics, reproduce, card, step, int8_cam_tolerance)
+                               training_metrics, reproduce, card, step, int8_cam_tolerance, qc)
 
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report_path = _sibling(out, ".report.json")
@@ -387,7 +419,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
 def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_onnx, schemes, calib_count,
                  val_limit, max_drop, min_agreement, keep_float, keep_float_node, bench, bench_runs, seed,
                  checkpoint, base_extra, training_metrics, reproduce, card, step=None,
-                 int8_cam_tolerance=0.2) -> str | None:
+                 int8_cam_tolerance=0.2, qc=None) -> str | None:
     """Search/build the int8 model; returns a refusal message, or None once FILE.int8.onnx exists."""
     train_items, val_items = man.split("train"), man.split("val")
     if not train_items or not val_items:
@@ -406,7 +438,8 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
         fp32_val = run_batched(ort_runner(ort_session(out)), val.x)
         t0 = time.perf_counter()
         try:
-            builder = quantize.Int8Builder(out, work, calib.x, onnx_export.INPUT_NAME, list(keep_float), list(keep_float_node))
+            builder = quantize.Int8Builder(out, work, calib.x, onnx_export.INPUT_NAME, list(keep_float), list(keep_float_node),
+                                           float_outputs=[SCORE_OUTPUT] if qc is not None else [])
         except ValueError as exc:
             raise ExportInputError(str(exc)) from None
         q["kept_float"] = builder.keep_float
@@ -466,6 +499,9 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 log("timing onnx_int8")
                 entry["speed"] = measure_speed(run, ev.x[:32], runs=bench_runs)
             report["models"]["onnx_int8"] = entry
+            qc_meta = None
+            if qc is not None:
+                qc_meta, report["input_check_int8"] = qc.measure_int8(sess, ev.x, ev.name)
             fp32_speed = report["models"]["onnx_fp32"].get("speed")
             if bench and fp32_speed:
                 entry["speedup_vs_fp32_b1"] = round(fp32_speed["latency_ms_p50"] / entry["speed"]["latency_ms_p50"], 3)
@@ -501,6 +537,8 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 **(step.int8(run, p8, ev, report) if step else {}),
                 "cam": cam_meta,
             }
+            if qc_meta is not None:
+                extra["input_check"] = qc_meta
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)
             import onnx
@@ -511,6 +549,27 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             partial.unlink(missing_ok=True)
     _announce(int8_out, card, f", scheme {scheme.name}")
     return None
+
+
+def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, seed, ood_dirs, atol, rtol,
+                     exporter, opset):
+    """(fitted check, its export steps), or (None, None) when there is no training split to fit on."""
+    from .input_check_report import CheckExport
+
+    if man is None or not man.split("train"):
+        log("input check: SKIPPED -- it is fitted on the training split, and there is no split manifest with "
+            "train items (--manifest); this model gets no qc_score and scans with qc = unchecked")
+        return None, None
+    train_items = stratified_subset(man.split("train"), train_limit, seed, key=man.group)
+    log(f"input check: pooling {len(train_items)} training images at several depths")
+    try:
+        fitted = input_check_mod.fit(model, pp, train_items, components, exporter=exporter, opset=opset)
+    except ValueError as exc:
+        raise ExportInputError(f"input check: {exc} (or pass --no-input-check)") from None
+    log(f"input check: fitted {len(fitted.depths)} depths on {fitted.n_train} images in {fitted.seconds:.0f}s "
+        f"({', '.join(f'{t.name} {t.dim}' for t in fitted.taps)})")
+    default_source = (ckpt.get("training_data") or {}).get("name") or Path(str(man.root)).name or "all"
+    return fitted, CheckExport(fitted, pp, man, default_source, val_limit, seed, ood_dirs, atol, rtol)
 
 
 if __name__ == "__main__":  # pragma: no cover

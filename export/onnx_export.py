@@ -48,15 +48,14 @@ def _with_softmax(model, temperature: float | None = None):
 
 def export_fp32(model, input_shape: tuple[int, int, int], path: "str | os.PathLike[str]",
                 exporter: str = "dynamo", opset: int | None = None, temperature: float | None = None,
-                cam_arch: str | None = None) -> dict:
+                cam_arch: str | None = None, score=None) -> dict:
     """Write ``path`` (a single file, weights inline); returns what was used, for the report.
     ``temperature``: divide the logits by it before the softmax (None: plain softmax).
-    ``cam_arch``: also export the class-activation map as output ``cam`` (see ``cam.py``)."""
-    import torch
-
+    ``cam_arch``: also export the class-activation map as output ``cam`` (see ``cam.py``).
+    ``score``: (output name, function that wraps the module to add that output last): the input
+    check's ``qc_score`` (see ``input_check.py``). Output 0 is always ``probabilities``."""
     if exporter not in DEFAULT_OPSET:
         raise ValueError(f"unknown exporter {exporter!r}")
-    opset = opset or DEFAULT_OPSET[exporter]
     output_names = [OUTPUT_NAME]
     if cam_arch:
         from .cam import OUTPUT_NAME as CAM_OUTPUT, with_softmax_and_cam
@@ -65,6 +64,22 @@ def export_fp32(model, input_shape: tuple[int, int, int], path: "str | os.PathLi
         output_names.append(CAM_OUTPUT)
     else:
         wrapped = _with_softmax(model, temperature)
+    if score is not None:
+        name, add_output = score
+        wrapped = add_output(wrapped)
+        output_names.append(name)
+    return export_module(wrapped, input_shape, path, output_names, exporter, opset)
+
+
+def export_module(wrapped, input_shape: tuple[int, int, int], path: "str | os.PathLike[str]",
+                  output_names: list[str], exporter: str = "dynamo", opset: int | None = None) -> dict:
+    """Export any module image -> ``output_names`` (dynamic batch, weights inline), then check it;
+    ``export_fp32`` builds the model's module, the input check exports its tap pooling with it."""
+    import torch
+
+    if exporter not in DEFAULT_OPSET:
+        raise ValueError(f"unknown exporter {exporter!r}")
+    opset = opset or DEFAULT_OPSET[exporter]
     # batch 2 so no exporter specialises the batch dimension to 1
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     path = str(path)

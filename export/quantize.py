@@ -121,6 +121,11 @@ def find_keep_float_nodes(model: onnx.ModelProto, which: list[str]) -> dict[str,
     """Node names for ``first_conv`` (sees the raw image) and ``classifier`` (last Gemm/MatMul,
     or the last Conv for squeezenet's conv head). Returns {name: op_type}."""
     nodes = list(model.graph.node)  # ONNX graphs are topologically sorted
+    if len(model.graph.output) > 1:  # only the probabilities' own path (not the qc_score branch)
+        from .input_check import ancestors
+
+        main = ancestors(model, [model.graph.output[0].name])
+        nodes = [n for i, n in enumerate(nodes) if i in main]
     out: dict[str, str] = {}
     if "first_conv" in which:
         conv = next((n for n in nodes if n.op_type == "Conv"), None)
@@ -144,7 +149,7 @@ class Int8Builder:
 
     def __init__(self, fp32_path: "str | os.PathLike[str]", workdir: "str | os.PathLike[str]",
                  calib_x: np.ndarray, input_name: str, keep_float: list[str] = (),
-                 keep_float_nodes: list[str] = ()):
+                 keep_float_nodes: list[str] = (), float_outputs: list[str] = ()):
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         self.workdir = Path(workdir)
@@ -174,9 +179,22 @@ class Int8Builder:
             if n not in names:
                 raise ValueError(f"--keep-float-node {n!r} is not a node of the pre-processed graph")
             self.keep_float[n] = next(x.op_type for x in pre.graph.node if x.name == n)
+        # outputs other than probabilities (the input check's qc_score) keep their own branch in
+        # float: the whitening matmuls amplify quantization error in low-variance directions
+        self.float_branch: dict[str, str] = {}
+        if float_outputs:
+            from .input_check import nodes_serving_only
+
+            branch = nodes_serving_only(pre, list(float_outputs), pre.graph.output[0].name)
+            self.float_branch = {n.name: n.op_type for n in branch if n.name}
+            if len(self.float_branch) < len(branch):
+                log(f"int8: {len(branch) - len(self.float_branch)} unnamed node(s) of the "
+                    f"{', '.join(float_outputs)} branch cannot be kept in float")
         self.calibration_seconds: dict[str, float] = {}
         log(f"int8: pre-processed graph ({time.perf_counter() - t0:.1f}s); "
-            f"kept in float: {', '.join(self.keep_float) or 'none'}")
+            f"kept in float: {', '.join(self.keep_float) or 'none'}"
+            + (f"; plus the {len(self.float_branch)} nodes of the {', '.join(float_outputs)} branch"
+               if self.float_branch else ""))
 
     def build(self, scheme: Scheme, out_path: "str | os.PathLike[str]") -> float:
         """Quantize to ``out_path``; returns seconds spent (calibration included the first time
@@ -192,7 +210,7 @@ class Int8Builder:
             quantize_static(
                 str(self.pre_path), str(out_path), reader,
                 quant_format=QuantFormat.QDQ, per_channel=True,
-                nodes_to_exclude=list(self.keep_float) or None,
+                nodes_to_exclude=[*self.keep_float, *self.float_branch] or None,
                 calibration_cache_path=str(cache),
                 extra_options={"CalibStridedMinMax": 1},
                 **scheme.ort_args(),

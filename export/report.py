@@ -109,6 +109,11 @@ def table(report: dict) -> str:
     from .triage_step import report_lines
 
     out += report_lines(report)
+    from .input_check_report import text_lines
+
+    for key in ("input_check", "input_check_int8"):
+        if report.get(key):
+            out += text_lines(report[key])
     busy = ""
     if cpu.get("load_avg_1min") is not None and cpu.get("cores") and cpu["load_avg_1min"] > 0.5 * cpu["cores"]:
         busy = f"; machine busy (load {cpu['load_avg_1min']}): timings are pessimistic"

@@ -6,12 +6,16 @@ Load once, classify many times; the CLI runs the very same engine, so results ar
 
     clf = Classifier.load("model.onnx")          # or Classifier.load() for the shipped model
     p = clf.classify("patient1.png")              # a path, a PIL image or a numpy array
-    print(p.label, p.confidence, p.probabilities, p.triage)   # triage: "refer"/"routine"
+    print(p.label, p.confidence, p.probabilities, p.triage, p.qc)  # triage: "refer"/"routine"; qc: input check
     for r in clf.scan(["/data/xrays"]):           # folders recursively; one result per file
-        print(r.path, r.status, r.prediction.label if r.ok else r.error)
+        print(r.path, r.status, r.qc, r.prediction.label if r.ok else r.error)
 
     p, maps = clf.explain("patient1.png")        # maps: float32 [K, h, w], one per class
     hot = maps[clf.classes.index(p.label)]        # where the evidence for the label is
+
+Every result carries the input check (``qc``, ``qc_score``, ``qc_detail``; docs/input-check.md):
+a prediction whose ``qc`` is ``not_chest_xray`` or ``not_frontal`` is no diagnosis
+(``prediction.diagnosis_withheld``), whatever its label says.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from PIL import Image
 
 from .discover import iter_inputs
 from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, default_threads, iter_scan, to_prediction
-from .imageio import load_image, to_gray8
-from .preprocess import Preprocessing, preprocess
+from .imageio import load_image_with_facts, to_gray8
+from .inputcheck import ImageFacts, Verdict, colour_spread, early_verdict, final_verdict
+from .preprocess import Preprocessing, normalize, resize_to_uint8
 from .session import Model, load_model
 from . import triage as triage_mod
 
@@ -76,12 +81,22 @@ class Classifier:
     def preprocessing(self) -> Preprocessing:
         return self.model.info.preprocess
 
-    def _tensor(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> np.ndarray:
+    def _tensor(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> tuple[np.ndarray, Verdict | None]:
+        """(model input, the input check's header/pixel verdict) for any accepted input."""
         if isinstance(x, (str, os.PathLike)):
-            x = load_image(x)
+            x, facts = load_image_with_facts(x)
         elif isinstance(x, Image.Image):
+            facts = ImageFacts(x.size[0], x.size[1], colour_spread(x))
             x = to_gray8(x)
-        return preprocess(x, self.preprocessing)
+        else:
+            arr = np.asarray(x)
+            colour = None
+            if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+                colour = colour_spread(Image.fromarray(arr[..., :3].astype(np.uint8) if arr.dtype != np.uint8
+                                                       else np.ascontiguousarray(arr[..., :3])))
+            facts = ImageFacts(arr.shape[1] if arr.ndim >= 2 else 1, arr.shape[0] if arr.ndim >= 1 else 1, colour)
+        pixels = resize_to_uint8(x, self.preprocessing)
+        return normalize(pixels, self.preprocessing), early_verdict(facts, pixels)
 
     def classify(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> Prediction:
         """Classify one image: a file path, a PIL image (any mode) or a numpy array
@@ -91,9 +106,17 @@ class Classifier:
         >>> clf.classify(np.zeros((512, 512), np.uint8)).label  # doctest: +SKIP
         'Normal'
         """
-        probs = self.model.run(self._tensor(x)[None])[0]
-        pred = to_prediction(probs, self.model.classes)
-        return triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
+        pred, _ = self._predict(x)
+        return pred
+
+    def _predict(self, x, cam: bool = False):
+        """(Prediction with its input check and triage, maps [K, h, w] or None) for one image."""
+        tensor, early = self._tensor(x)
+        probs, maps, scores = self.model.run_outputs(tensor[None], cam=cam)
+        score = None if scores is None else float(scores[0])
+        pred = to_prediction(probs[0], self.model.classes, final_verdict(early, score, self.model.input_check), score)
+        pred = triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
+        return pred, (maps[0] if maps is not None else None)
 
     @property
     def has_heatmaps(self) -> bool:
@@ -105,9 +128,7 @@ class Classifier:
         in ``classes`` order, on the model's input grid). ``heatmap.map_on_image`` places a map on
         the original image. Raises ValueError for a model without maps.
         """
-        probs, cam = self.model.run_with_cam(self._tensor(x)[None])
-        pred = to_prediction(probs[0], self.model.classes)
-        return triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction, cam[0]
+        return self._predict(x, cam=True)
 
     def classify_many(self, paths: "Iterable[str | os.PathLike[str]]", heatmaps: bool = False) -> list[ScanResult]:
         """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order.

@@ -272,6 +272,7 @@ def bench_model(
     runs: int = DEFAULT_RUNS,
     log: Callable[[str], None] = lambda s: None,
     sensitivity: float | None = None,
+    not_xray: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[str | None]]:
     """Scan ``items`` with ``model`` and time it; returns (row, predicted label per item or None)."""
     classes = list(model.classes)
@@ -410,6 +411,10 @@ def bench_model(
         "notes": notes + list(model.notes),
     }
     row["triage"] = bench_triage(policy, no_triage, items, results)
+    from .inputcheck_bench import bench_not_xray
+
+    row["input_check"] = bench_not_xray(model, results, [(it.source or "-", it.label) for it in items],
+                                        not_xray, batch_size=scan_batch, workers=workers, log=log)
     return row, predicted
 
 
@@ -438,6 +443,7 @@ def run_bench(
     subset: str = "test",
     log: Callable[[str], None] = lambda s: None,
     sensitivity: float | None = None,
+    not_xray: Sequence["str | os.PathLike[str]"] = (),
 ) -> dict[str, Any]:
     """Benchmark ``model_paths`` (default: the shipped fp32 + int8) on a labelled folder, or on
     the ``subset`` of a split manifest resolved against it.
@@ -447,6 +453,9 @@ def run_bench(
     import onnxruntime as ort
 
     data_dirs = [data_dir] if isinstance(data_dir, (str, os.PathLike)) else list(data_dir or [])
+    for d in not_xray:
+        if not os.path.isdir(d):
+            raise BenchError(f"--not-xray {d} is not a folder")
     if split is not None:
         folder_classes, items = split_items(data_dirs, split, subset)
     elif not data_dirs:
@@ -474,7 +483,7 @@ def run_bench(
         log(f"[{i + 1}/{len(paths)}] {p}")
         model = load_model(p, device=device, threads=threads)
         row, predicted = bench_model(model, items, batch_size=batch_size, workers=workers, runs=runs, log=log,
-                                     sensitivity=sensitivity)
+                                     sensitivity=sensitivity, not_xray=[os.fspath(d) for d in not_xray])
         if reference is None:
             reference = predicted
         else:
@@ -595,6 +604,9 @@ def format_summary(result: dict[str, Any]) -> str:
             out.append(f"unreadable: {ex['path']}: {ex['error']}")
         out += [f"note: {note}" for note in r["notes"]]
         out.append(format_bench_triage(r.get("triage")))
+    from .inputcheck_bench import format_not_xray
+
+    out += format_not_xray(rows, _table)
     out += ["", f"How close to the limit (batch {batch}): each stage alone, the best a scan could do "
             "with both, and the scan:"]
     for r in rows:
@@ -626,7 +638,7 @@ def write_json(result: dict[str, Any], path: "str | os.PathLike[str]") -> None:
 
 def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_BATCH_SIZE, threads=None,
                   device="cpu", limit=None, workers=None, runs=DEFAULT_RUNS, split=None, subset="test",
-                  sensitivity=None) -> int:
+                  sensitivity=None, not_xray=()) -> int:
     """What ``cxr-infer bench`` does; returns the exit status (0 ok, 1 some files unreadable, 2 bad input)."""
     import click
 
@@ -643,7 +655,7 @@ def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_B
     try:
         result = run_bench(data_dir, model_paths, batch_size=batch_size, threads=threads, device=device,
                            limit=limit, workers=workers, runs=runs, split=split, subset=subset, log=log,
-                           sensitivity=sensitivity)
+                           sensitivity=sensitivity, not_xray=not_xray)
     except (BenchError, ModelLoadError, TriageUnavailable) as exc:
         click.echo(f"error: {exc}", err=True)
         return 2

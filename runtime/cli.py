@@ -4,8 +4,10 @@ Only click is imported at module level; numpy, Pillow and onnxruntime load insid
 so ``cxr-infer --help`` answers instantly. Other commands (e.g. ``bench``) register on ``cli``.
 
 Exit status: 0 every file classified, 1 some files became error rows (output still complete),
-2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 130 interrupted
-(Ctrl-C, or the reader of stdout went away); finished rows are kept either way.
+2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 3 every file was
+read but the input check found some that are not frontal chest X-rays (``not_chest_xray`` or
+``not_frontal``: no prediction shown for them), 130 interrupted (Ctrl-C, or the reader of stdout
+went away); finished rows are kept either way. 1 wins over 3; ``unfamiliar`` rows keep exit 0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import click
 from . import __version__
 
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_NOT_CHEST_XRAY = 3  # some inputs were flagged not_chest_xray / not_frontal (input check)
 FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
 
 
@@ -97,7 +100,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
-    report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error.
+    report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error;
+    3: some inputs are not frontal chest X-rays (input check; no prediction shown for them).
     """
     from .engine import ScanStats, default_threads, default_workers, iter_scan
 
@@ -184,6 +188,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     if report:
         rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
                           "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
+                          "qc": dict(stats.qc),
                           "skip_reasons": dict(stats.skip_reasons),
                           "triage": {"counts": dict(stats.triage), "point": None if policy is None else {
                               "threshold": policy.threshold, "asked_sensitivity": policy.asked,
@@ -196,7 +201,11 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
             ctx.exit(EXIT_USAGE)
     if stats.interrupted:
         ctx.exit(EXIT_INTERRUPTED)
-    ctx.exit(EXIT_SOME_ERRORS if stats.errors else EXIT_OK)
+    from .inputcheck import NO_DIAGNOSIS
+
+    if stats.errors:
+        ctx.exit(EXIT_SOME_ERRORS)
+    ctx.exit(EXIT_NOT_CHEST_XRAY if any(stats.qc.get(q) for q in NO_DIAGNOSIS) else EXIT_OK)
 
 
 def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:
@@ -252,19 +261,23 @@ def info(ctx, model_path, precision, as_json):
 @click.option("--subset", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--sensitivity", type=float, default=None,
               help="Triage point to measure (as in scan); default: each model's stored point.")
+@click.option("--not-xray", "not_xray", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of images that are not chest X-rays (<kind>/... sub-folders; repeatable): the input "
+                   "check's flagged share per kind, on the X-rays, and the AUROC of qc_score between them.")
 @click.pass_context
 def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, device, limit, runs, split, subset,
-          sensitivity):
+          sensitivity, not_xray):
     """Accuracy and speed of models on labelled folders (<Class>/images/* or class folders): one
     table of size, accuracy, macro-F1, per-class sensitivity, latency, scan throughput, agreement,
-    then accuracy and sensitivity by source (each DATA_DIR is a source)."""
+    then accuracy and sensitivity by source (each DATA_DIR is a source); with --not-xray, the
+    input check's flag rates and AUROC."""
     if not data_dirs and not split:
         raise click.UsageError("give at least one labelled DATA_DIR, or --split FILE")
     from .benchmark import bench_command
 
     ctx.exit(bench_command(list(data_dirs), list(model_paths) or None, json_path=json_path, batch_size=batch_size,
                            threads=threads, device=device, limit=limit, workers=workers, runs=runs,
-                           split=split, subset=subset, sensitivity=sensitivity))
+                           split=split, subset=subset, sensitivity=sensitivity, not_xray=not_xray))
 
 
 def main(argv: list[str] | None = None) -> None:

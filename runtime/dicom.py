@@ -33,6 +33,29 @@ def _pydicom():
 
 def load_dicom(path: "str | os.PathLike[str]") -> Image.Image:
     """Read a DICOM file into a PIL "L" image; every failure is an ``ImageReadError``."""
+    return read_dicom(path)[0]
+
+
+def header_tags(ds) -> dict[str, str]:
+    """The input check's header tags (Modality, BodyPartExamined, ViewPosition), upper-case and
+    stripped; blank or unreadable tags are left out, so the pixels decide for them."""
+    from .inputcheck import DICOM_TAGS
+
+    out = {}
+    for tag in DICOM_TAGS:
+        try:
+            value = ds.get(tag)
+        except Exception:  # a malformed element must not make the image unreadable
+            continue
+        text = str(value).strip().upper() if value is not None else ""
+        if text:
+            out[tag] = text
+    return out
+
+
+def read_dicom(path: "str | os.PathLike[str]") -> tuple[Image.Image, dict[str, str], float | None]:
+    """``load_dicom`` plus the header tags and, for colour pixel data (a photo saved as DICOM),
+    the colour spread of ``inputcheck.colour_spread``; every failure is an ``ImageReadError``."""
     pydicom, apply_modality_lut, apply_voi_lut = _pydicom()
     try:
         ds = pydicom.dcmread(os.fspath(path), force=True)
@@ -57,12 +80,15 @@ def load_dicom(path: "str | os.PathLike[str]") -> Image.Image:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if frames > 1:
         arr = arr[0]  # multi-frame: the first frame is the image a viewer opens on
+    header = header_tags(ds)
     if samples > 1 or arr.ndim == 3:
+        spread = None
         if photometric.startswith("YBR"):
             arr = arr[..., 0]  # the Y (luma) plane is the grayscale image
         else:
+            spread = _rgb_spread(arr)
             arr = arr.astype(np.float64).mean(axis=-1)
-        return array_to_gray8(arr)
+        return array_to_gray8(arr), header, spread
     try:
         arr = apply_modality_lut(arr, ds)
         arr = apply_voi_lut(arr, ds)
@@ -71,4 +97,17 @@ def load_dicom(path: "str | os.PathLike[str]") -> Image.Image:
     img = array_to_gray8(np.asarray(arr))
     if photometric == "MONOCHROME1":
         img = Image.fromarray(255 - np.asarray(img, dtype=np.uint8), mode="L")
-    return img
+    return img, header, None
+
+
+def _rgb_spread(arr: np.ndarray) -> float | None:
+    """Colour spread of an RGB pixel array, on the same 64 px copy as for other formats."""
+    from .inputcheck import colour_spread
+
+    if arr.ndim != 3 or arr.shape[-1] < 3:
+        return None
+    a = np.asarray(arr[..., :3])
+    if a.dtype != np.uint8:
+        hi = float(a.max()) if a.size else 0.0
+        a = np.clip(a.astype(np.float64) * (255.0 / hi if hi > 255 else 1.0), 0, 255).astype(np.uint8)
+    return colour_spread(Image.fromarray(np.ascontiguousarray(a), mode="RGB"))

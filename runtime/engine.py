@@ -23,8 +23,9 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .discover import Entry
-from .imageio import ImageReadError, load_image
-from .preprocess import Preprocessing, preprocess
+from .imageio import ImageReadError, load_image_with_facts
+from .inputcheck import NO_DIAGNOSIS, Verdict, early_verdict, final_verdict
+from .preprocess import Preprocessing, normalize, resize_to_uint8
 from .session import Model
 from . import triage as triage_mod
 
@@ -61,12 +62,21 @@ def default_threads(device: str, workers: int | None = None) -> int | None:
 
 @dataclass(frozen=True)
 class Prediction:
-    """What the model says about one image: the top class and every class's probability."""
+    """What the model says about one image: the top class and every class's probability, and
+    the input check's verdict on the image (``qc``, see ``inputcheck``). For ``qc`` in
+    ``not_chest_xray``/``not_frontal`` the outputs withhold ``label``: it is no diagnosis."""
 
     label: str
     confidence: float
     probabilities: dict[str, float]
     triage: str | None = None  # "refer" / "routine" at the model's operating point (runtime/triage.py)
+    qc: str = "unchecked"
+    qc_score: float | None = None
+    qc_detail: str | None = None
+
+    @property
+    def diagnosis_withheld(self) -> bool:
+        return self.qc in NO_DIAGNOSIS
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,19 @@ class ScanResult:
             return triage_mod.REFER
         return self.prediction.triage
 
+    @property
+    def qc(self) -> str | None:
+        """The input check's verdict (None for an error row: the image was never read)."""
+        return self.prediction.qc if self.prediction is not None else None
+
+    @property
+    def qc_score(self) -> float | None:
+        return self.prediction.qc_score if self.prediction is not None else None
+
+    @property
+    def qc_detail(self) -> str | None:
+        return self.prediction.qc_detail if self.prediction is not None else None
+
 
 @dataclass
 class ScanStats:
@@ -111,7 +134,8 @@ class ScanStats:
     ok: int = 0
     errors: int = 0
     skipped: int = 0
-    by_class: Counter = field(default_factory=Counter)
+    by_class: Counter = field(default_factory=Counter)  # rows that show a prediction
+    qc: Counter = field(default_factory=Counter)  # input-check verdicts of the classified rows
     triage: Counter = field(default_factory=Counter)  # "refer"/"routine" counts
     skip_reasons: Counter = field(default_factory=Counter)
     read_s: float = 0.0  # summed over images (decode threads run in parallel)
@@ -136,7 +160,9 @@ class ScanStats:
     def count(self, result: ScanResult) -> None:
         if result.prediction is not None:
             self.ok += 1
-            self.by_class[result.prediction.label] += 1
+            self.qc[result.prediction.qc] += 1
+            if not result.prediction.diagnosis_withheld:
+                self.by_class[result.prediction.label] += 1
             if result.triage:
                 self.triage[result.triage] += 1
         else:
@@ -152,19 +178,24 @@ class ScanStats:
         self.image_latency_s.extend([seconds / n] * n)
 
 
-def to_prediction(probs: np.ndarray, classes: list[str]) -> Prediction:
+def to_prediction(probs: np.ndarray, classes: list[str], verdict: Verdict | None = None,
+                  score: float | None = None) -> Prediction:
     i = int(np.argmax(probs))
     return Prediction(
         label=classes[i],
         confidence=float(probs[i]),
         probabilities={c: float(p) for c, p in zip(classes, probs)},
+        qc=verdict.qc if verdict is not None else "unchecked",
+        qc_score=None if score is None else float(score),
+        qc_detail=verdict.detail if verdict is not None else None,
     )
 
 
 def _decode(path: str):
-    """(image, None) or (None, reason): a bad file never raises out of a worker."""
+    """((image, facts), None) or (None, reason): a bad file never raises out of a worker. The
+    facts are what the input check needs from before the grayscale conversion."""
     try:
-        return load_image(path), None
+        return load_image_with_facts(path), None
     except ImageReadError as exc:
         return None, str(exc)
     except MemoryError:
@@ -175,33 +206,30 @@ def _decode(path: str):
 
 def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None, float, float]:
     """Read + preprocess one file (runs in a worker thread): (tensor, error, read_s, preprocess_s)."""
-    t0 = time.perf_counter()
-    image, err = _decode(path)
-    if err is not None:
-        return None, err, time.perf_counter() - t0, 0.0
-    t1 = time.perf_counter()
-    try:
-        x = preprocess(image, pp)
-    except Exception as exc:
-        return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1
-    return x, None, t1 - t0, time.perf_counter() - t1
+    return prepare_checked(path, pp)[:4]
 
 
-def prepare_with_preview(path: str, pp: Preprocessing, side: int):
-    """``prepare`` that also keeps the decoded image, shrunk to at most ``side`` pixels:
-    ((tensor, preview) or None, error, read_s, preprocess_s)."""
+def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
+    """``prepare`` plus the input check's header/pixel verdict, computed while the colour and the
+    header are still at hand: (tensor, error, read_s, preprocess_s, verdict or None, preview).
+    ``preview_side`` > 0 also keeps the decoded image shrunk to at most that many pixels."""
     t0 = time.perf_counter()
-    image, err = _decode(path)
+    decoded, err = _decode(path)
     if err is not None:
-        return None, err, time.perf_counter() - t0, 0.0
+        return None, err, time.perf_counter() - t0, 0.0, None, None
+    image, facts = decoded
     t1 = time.perf_counter()
+    preview = None
     try:
-        x = preprocess(image, pp)
-        preview = image.copy()
-        preview.thumbnail((side, side))
+        pixels = resize_to_uint8(image, pp)
+        x = normalize(pixels, pp)
+        early = early_verdict(facts, pixels)
+        if preview_side:
+            preview = image.copy()
+            preview.thumbnail((preview_side, preview_side))
     except Exception as exc:
-        return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1
-    return (x, preview), None, t1 - t0, time.perf_counter() - t1
+        return None, f"preprocessing failed: {exc}", t1 - t0, time.perf_counter() - t1, None, None
+    return x, None, t1 - t0, time.perf_counter() - t1, early, preview
 
 
 def _as_entry(item: "Entry | str | os.PathLike[str]") -> Entry:
@@ -260,8 +288,7 @@ def iter_scan(
             elif entry.error is not None:
                 pending.append((entry, None))
             else:
-                job = (prepare_with_preview, entry.path, pp, previews) if previews else (prepare, entry.path, pp)
-                pending.append((entry, pool.submit(*job)))
+                pending.append((entry, pool.submit(prepare_checked, entry.path, pp, previews)))
 
     # The first batch holds one image, so the first result comes as soon as one image is decoded
     # (not after a whole batch is decoded and inferred); every later batch is full.
@@ -272,40 +299,35 @@ def iter_scan(
             if not pending:
                 break
             # A chunk: consecutive entries until ``target`` of them are ready for the model.
-            chunk: list[tuple[str, np.ndarray | None, str | None, Any]] = []
+            chunk: list[tuple[str, np.ndarray | None, str | None, Any, Verdict | None]] = []
             tensors: list[np.ndarray] = []
             while pending and len(tensors) < target:
                 entry, fut = pending.popleft()
                 if fut is None:
-                    chunk.append((entry.path, None, entry.error, None))
+                    chunk.append((entry.path, None, entry.error, None, None))
                 else:
-                    x, err, read_s, pre_s = fut.result()
+                    x, err, read_s, pre_s, early, preview = fut.result()
                     stats.read_s += read_s
                     stats.preprocess_s += pre_s
-                    preview = None
-                    if previews and x is not None:
-                        x, preview = x
-                    chunk.append((entry.path, x, err, preview))
+                    chunk.append((entry.path, x, err, preview, early))
                     if x is not None:
                         tensors.append(x)
                 fill()  # keep the decode threads busy while this thread waits or infers
             probs: np.ndarray | None = None
             cams: np.ndarray | None = None
+            scores: np.ndarray | None = None
             infer_error = None
             if tensors:
                 target = batch_size
                 batch = np.stack(tensors)
                 t0 = time.perf_counter()
                 try:
-                    if heatmaps:
-                        probs, cams = model.run_with_cam(batch)
-                    else:
-                        probs = model.run(batch)
+                    probs, cams, scores = model.run_outputs(batch, cam=heatmaps)
                 except Exception as exc:
                     infer_error = f"inference failed: {exc}"
                 stats.add_batch(len(tensors), time.perf_counter() - t0)
             k = 0
-            for path, x, err, preview in chunk:
+            for path, x, err, preview, early in chunk:
                 if x is None:
                     result = ScanResult(path, error=err)
                 elif infer_error is not None:
@@ -313,11 +335,13 @@ def iter_scan(
                 else:
                     p = probs[k]
                     cam = cams[k] if cams is not None else None
+                    score = None if scores is None else float(scores[k])
                     k += 1
                     if not np.all(np.isfinite(p)):
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
-                        result = ScanResult(path, prediction=to_prediction(p, classes), heatmap=cam,
+                        verdict = final_verdict(early, score, model.input_check)
+                        result = ScanResult(path, prediction=to_prediction(p, classes, verdict, score), heatmap=cam,
                                             preview=preview)
                 result = triage_mod.apply(result, triage)
                 stats.count(result)

@@ -131,6 +131,27 @@ def load_image(path: "str | os.PathLike[str]") -> Image.Image:
         from .dicom import load_dicom  # optional dependency
 
         return load_dicom(p)
+    return to_gray8(_decode(p))
+
+
+def load_image_with_facts(path: "str | os.PathLike[str]") -> "tuple[Image.Image, ImageFacts]":
+    """``load_image`` plus what the input check needs from before the grayscale conversion:
+    size, colour (on a 64 px copy, only for colour sources) and, for DICOM, the header tags."""
+    from .inputcheck import ImageFacts, colour_spread
+
+    p = Path(path)
+    _check_file(p)
+    if is_dicom_file(p):
+        from .dicom import read_dicom  # optional dependency
+
+        img, header, spread = read_dicom(p)
+        return img, ImageFacts(img.size[0], img.size[1], spread, header)
+    im = _decode(p)
+    return to_gray8(im), ImageFacts(im.size[0], im.size[1], colour_spread(im))
+
+
+def _decode(p: Path) -> Image.Image:
+    """Pillow decode with EXIF orientation applied, in the file's own mode."""
     try:
         # catch_warnings is process-global (not per thread) before Python 3.14; if decode
         # threads race on it, the MAX_PIXELS check below still refuses the bomb.
@@ -146,8 +167,7 @@ def load_image(path: "str | os.PathLike[str]") -> Image.Image:
                         f"over the {MAX_PIXELS / 1e6:.0f} MP limit"
                     )
                 im.load()
-                im = ImageOps.exif_transpose(im) or im
-                return to_gray8(im)
+                return ImageOps.exif_transpose(im) or im
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -19,6 +19,8 @@ Keys (all values are strings; structured values are JSON):
 - ``cxr.operating_points`` JSON: refer/routine thresholds measured on validation (``cxr.runtime.triage``)
 - ``cxr.cam``           JSON: whether output ``cam`` (class-activation maps) exists, its layer and
                         grid, or why the architecture has none (docs/heatmaps.md)
+- ``cxr.input_check``   JSON: the ``qc_score`` output's thresholds and how they were chosen
+                        (``inputcheck.ScoreCheck``; absent in models exported before the check)
 
 Only ``cxr.format``, ``cxr.classes`` and ``cxr.preprocess`` are required to run a model.
 """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import numbers
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import IO, Any
 
 from .csv_formula import guard_cell
 from .engine import ScanResult, ScanStats
+from .inputcheck import QC_VALUES
 from .terminal_text import printable
 
 FORMATS = ("table", "csv", "jsonl", "json")
@@ -32,21 +34,30 @@ def display_path(path: str) -> str:
 
 
 def columns(classes: list[str]) -> list[str]:
-    return ["path", "prediction", "confidence", *[f"p_{c}" for c in classes], "status", "error", "triage"]
+    return ["path", "prediction", "confidence", *[f"p_{c}" for c in classes], "status", "error", "qc", "qc_score",
+            "triage"]
 
 
 def result_record(result: ScanResult, classes: list[str]) -> dict[str, Any]:
-    """One output record; probabilities rounded to 6 decimals, empty (None) on error rows."""
+    """One output record; probabilities rounded to 6 decimals, empty (None) on error rows.
+
+    A row the input check calls ``not_chest_xray`` or ``not_frontal`` shows no prediction and no
+    confidence (it must not read as a diagnosis); its probabilities stay, as scores. The reason
+    in words (``qc_detail``) is in the table and the Python API.
+    """
     pred = result.prediction
+    shown = pred is not None and not pred.diagnosis_withheld
     rec: dict[str, Any] = {
         "path": display_path(result.path),
-        "prediction": pred.label if pred else None,
-        "confidence": round(pred.confidence, PROB_DECIMALS) if pred else None,
+        "prediction": pred.label if shown else None,
+        "confidence": round(pred.confidence, PROB_DECIMALS) if shown else None,
     }
     for c in classes:
         rec[f"p_{c}"] = round(pred.probabilities[c], PROB_DECIMALS) if pred else None
     rec["status"] = result.status
     rec["error"] = result.error
+    rec["qc"] = pred.qc if pred else None
+    rec["qc_score"] = round(pred.qc_score, PROB_DECIMALS) if pred and pred.qc_score is not None else None
     rec["triage"] = result.triage  # refer/routine; None on errors and models without operating points
     return rec
 
@@ -93,9 +104,18 @@ class CsvWriter(Writer):
         (self._csv_quote_all if any("\r" in c for c in cells) else self._csv).writerow(cells)
 
 
+def _finite(rec: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/Infinity: a non-finite qc_score (an image the model could not place at
+    all) is written as null; its qc says what happened."""
+    v = rec.get("qc_score")
+    if isinstance(v, float) and not math.isfinite(v):
+        return {**rec, "qc_score": None}
+    return rec
+
+
 class JsonlWriter(Writer):
     def _write(self, rec):
-        self.stream.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.stream.write(json.dumps(_finite(rec), ensure_ascii=False) + "\n")
 
 
 class JsonWriter(Writer):
@@ -107,7 +127,7 @@ class JsonWriter(Writer):
         stream.write("[")
 
     def _write(self, rec):
-        self.stream.write(("\n" if self._n == 0 else ",\n") + json.dumps(rec, ensure_ascii=False))
+        self.stream.write(("\n" if self._n == 0 else ",\n") + json.dumps(_finite(rec), ensure_ascii=False))
         self._n += 1
 
     def close(self):
@@ -124,18 +144,33 @@ class TableWriter(Writer):
         self._pw = [max(len(f"p_{c}"), 6) for c in classes]
         head = [f"{'prediction':<{self._w}}", f"{'conf':>6}"]
         head += [f"{f'p_{c}':>{w}}" for c, w in zip(classes, self._pw)]
+        self._qw = max(map(len, QC_VALUES))
+        head += [f"{'qc':<{self._qw}}", f"{'qc_score':>8}"]
         head.append(f"{'triage':<7}")
         stream.write("  ".join(head + ["path"]) + "\n")
         stream.flush()
 
+    def write(self, result: ScanResult) -> None:
+        rec = result_record(result, self.classes)
+        rec["qc_detail"] = result.prediction.qc_detail if result.prediction is not None else None
+        self._write(rec)
+        self.stream.flush()
+
     def _write(self, rec):
         if rec["status"] == "ok":
-            cells = [f"{rec['prediction']:<{self._w}}", f"{rec['confidence']:>6.3f}"]
+            shown = rec["prediction"] is not None
+            cells = [f"{rec['prediction'] if shown else '-':<{self._w}}",
+                     f"{rec['confidence']:>6.3f}" if shown else f"{'-':>6}"]
             cells += [f"{rec[f'p_{c}']:>{w}.3f}" for c, w in zip(self.classes, self._pw)]
+            score = rec["qc_score"]
+            cells += [f"{rec['qc']:<{self._qw}}", f"{score:>8.2f}" if score is not None else f"{'-':>8}"]
             cells.append(f"{rec['triage'] or '-':<7}")
-            self.stream.write("  ".join(cells + [printable(rec["path"])]) + "\n")
+            flagged = rec["qc"] not in ("ok", "unchecked") and rec.get("qc_detail")
+            tail = rec["path"] + (f"  ({rec['qc_detail']})" if flagged else "")
+            self.stream.write("  ".join(cells + [printable(tail)]) + "\n")
         else:
-            cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw] + [f"{'':<7}"]
+            cells = [f"{'ERROR':<{self._w}}", f"{'':>6}"] + [f"{'':>{w}}" for w in self._pw]
+            cells += [f"{'':<{self._qw}}", f"{'':>8}", f"{'':<7}"]
             self.stream.write("  ".join(cells + [printable(f"{rec['path']}  ({rec['error']})")]) + "\n")
 
 
@@ -172,7 +207,27 @@ def format_summary(stats: ScanStats, classes: list[str]) -> str:
     lines.append(f"  {'errors':<{w}}  {stats.errors}")
     reasons = ", ".join(f"{n} {r}" for r, n in sorted(stats.skip_reasons.items()))
     lines.append(f"  {'skipped':<{w}}  {stats.skipped}" + (f" ({reasons})" if reasons else ""))
+    lines += format_qc_summary(stats)
     return "\n".join(lines)
+
+
+def format_qc_summary(stats: ScanStats) -> list[str]:
+    """The input check's verdicts over the classified rows, flagged reasons first."""
+    from .inputcheck import NO_DIAGNOSIS
+
+    if not stats.qc:
+        return []
+    order = [q for q in QC_VALUES if q not in ("ok", "unchecked")] + ["ok", "unchecked"]
+    order += sorted(q for q in stats.qc if q not in order)
+    counts = ", ".join(f"{stats.qc[q]} {q}" for q in order if stats.qc.get(q))
+    lines = [f"  input check: {counts}"]
+    withheld = sum(stats.qc.get(q, 0) for q in NO_DIAGNOSIS)
+    if withheld:
+        lines.append(f"  {withheld} image(s) are not frontal chest X-rays: no prediction is shown for them")
+    if stats.qc.get("unchecked"):
+        lines.append("  unchecked: the model has no input check (exported before it); only DICOM-header and pixel "
+                     "checks ran")
+    return lines
 
 
 class Progress:

@@ -52,7 +52,8 @@ def page_row(index: int, result: Any, classes: list[str], display: str, images: 
     pred = getattr(result, "prediction", None)
     row: dict[str, Any] = {"i": index, "p": display}
     if pred is not None:
-        row["l"] = pred.label
+        # an input the check calls not_chest_xray / not_frontal shows no class (docs/input-check.md)
+        row["l"] = "" if getattr(pred, "diagnosis_withheld", False) else pred.label
         row["c"] = round(float(pred.confidence), 4)
         row["pr"] = [round(float(pred.probabilities[c]), 4) for c in classes]
     else:

@@ -84,6 +84,8 @@ class Model:
     @property
     def has_cam(self) -> bool:
         return self.cam_output is not None
+    qc_output: str | None = None  # the graph's qc_score output, when it has one
+    input_check: Any = None  # inputcheck.ScoreCheck from cxr.input_check; None: model exported before it
 
     @property
     def classes(self) -> list[str]:
@@ -110,6 +112,25 @@ class Model:
         probs, cam = self.session.run([self.output_name, self.cam_output], {self.input_name: batch})
         n = batch.shape[0]
         return np.asarray(probs, dtype=np.float32).reshape(n, -1), np.asarray(cam, dtype=np.float32)
+    def run_checked(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities [N, K], qc_score [N] or None when the graph has no such output), one call."""
+        probs, _, score = self.run_outputs(batch)
+        return probs, score
+
+    def run_outputs(self, batch: np.ndarray, cam: bool = False):
+        """(probabilities [N, K], maps [N, K, h, w] or None, qc_score [N] or None) in one call:
+        the map only when asked (``cam``), the input check's score whenever the graph has one."""
+        if cam and self.cam_output is None:
+            raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
+        if not cam and not self.qc_output:
+            return self.run(batch), None, None
+        names = [self.output_name] + ([self.cam_output] if cam else []) + ([self.qc_output] if self.qc_output else [])
+        outs = self.session.run(names, {self.input_name: batch})
+        n = batch.shape[0]
+        probs = np.asarray(outs[0], dtype=np.float32).reshape(n, -1)
+        maps = np.asarray(outs[1], dtype=np.float32) if cam else None
+        score = np.asarray(outs[-1], dtype=np.float32).reshape(n) if self.qc_output else None
+        return probs, maps, score
 
     def warmup(self) -> float:
         """One inference on a blank image: lazily allocated buffers and kernels get built here,
@@ -268,7 +289,13 @@ def load_model(
     except ModelMetadataError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     input_name, output_name, max_batch = _check_io(path, session, info)
-    notes = []
+    from .inputcheck import find_score_check
+
+    try:
+        qc_output, input_check, qc_note = find_score_check(info.extra, [o.name for o in session.get_outputs()])
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+    notes = [qc_note] if qc_note else []
     if CUDA_EP in active and info.precision == "int8":
         notes.append(
             "note: this is an int8 (QDQ) model; the CUDA provider runs it no faster than fp32 "
@@ -277,7 +304,7 @@ def load_model(
     model = Model(
         path=path, info=info, session=session, input_name=input_name, output_name=output_name,
         providers=active, device=device, threads=threads, session_create_ms=session_ms,
-        load_ms=0.0, max_batch=max_batch, notes=notes,
+        load_ms=0.0, max_batch=max_batch, notes=notes, qc_output=qc_output, input_check=input_check,
     )
     model.cam_output = _find_cam_output(path, session, info)
     model.load_ms = (time.perf_counter() - t0) * 1e3

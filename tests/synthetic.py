@@ -17,6 +17,16 @@ from PIL import Image
 DARK, MID, BRIGHT = "COVID", "Normal", "Viral Pneumonia"
 
 
+def shaded(w: int, h: int, mean: float, amplitude: float = 12.0) -> np.ndarray:
+    """uint8 (h, w) image with mean ``mean``: a smooth diagonal shading of +-``amplitude`` levels.
+
+    Good stand-ins are not constant: the runtime's input check calls a constant image blank
+    (``not_chest_xray``) and withholds its prediction; a smooth shading is not noise either."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    wave = np.sin(2 * np.pi * (xx / max(w, 1) + yy / max(h, 1)))
+    return np.clip(np.round(mean + amplitude * wave), 0, 255).astype(np.uint8)
+
+
 def stripes16(h: int, w: int, bright_fraction: float) -> np.ndarray:
     """uint16 image: top ``bright_fraction`` of rows at 4000, the rest at 1000 (stretches to 0/255)."""
     a = np.full((h, w), 1000, dtype=np.uint16)
@@ -83,20 +93,22 @@ def write_good_images(root: Path) -> dict[str, str]:
         img.save(p, **kw)
         exp[rel] = label
 
-    save("gray8_dark.png", Image.new("L", (64, 64), 20), DARK)
-    save("gray8_bright.png", Image.new("L", (64, 64), 235), BRIGHT)
+    save("gray8_dark.png", Image.fromarray(shaded(64, 64, 20)), DARK)
+    save("gray8_bright.png", Image.fromarray(shaded(64, 64, 235)), BRIGHT)
     save("gray16_dark.png", Image.fromarray(stripes16(64, 64, 0.1)), DARK)  # I;16 PNG
-    save("rgb_bright.png", Image.new("RGB", (64, 48), (240, 240, 240)), BRIGHT)
-    # Fully transparent white: composited on black it is dark. Ignoring alpha would say BRIGHT.
-    save("rgba_transparent_white.png", Image.new("RGBA", (48, 64), (255, 255, 255, 0)), DARK)
-    pal = Image.new("P", (64, 64), 1)
-    pal.putpalette([0, 0, 0, 128, 128, 128] + [0, 0, 0] * 254)
+    save("rgb_bright.png", Image.fromarray(np.repeat(shaded(64, 48, 240)[..., None], 3, axis=2)), BRIGHT)
+    # Nearly transparent white: composited on black it is dark. Ignoring alpha would say BRIGHT.
+    rgba = np.full((64, 48, 4), 255, np.uint8)
+    rgba[..., 3] = shaded(48, 64, 20)
+    save("rgba_transparent_white.png", Image.fromarray(rgba, "RGBA"), DARK)
+    pal = Image.fromarray(shaded(64, 64, 128, 100), "L").convert("P")  # indices 28..228
+    pal.putpalette([v for i in range(256) for v in [100 + i * 56 // 255] * 3])  # grays 100..156
     save("palette_mid.png", pal, MID)
-    save("mid.jpg", Image.new("L", (64, 64), 128), MID, quality=95)
-    save("bright.bmp", Image.new("L", (64, 64), 235), BRIGHT)
+    save("mid.jpg", Image.fromarray(shaded(64, 64, 128)), MID, quality=95)
+    save("bright.bmp", Image.fromarray(shaded(64, 64, 235)), BRIGHT)
     save("tiff16_mid.tif", Image.fromarray(stripes16(64, 64, 0.5)), MID)
-    save("nonsquare_mid.png", Image.new("L", (300, 30), 128), MID)
-    save("sub/dir/large_dark.png", Image.new("L", (3000, 2500), 15), DARK)
+    save("nonsquare_mid.png", Image.fromarray(shaded(150, 60, 128)), MID)  # 2.5:1, squashed
+    save("sub/dir/large_dark.png", Image.fromarray(shaded(3000, 2500, 15)), DARK)
     jpeg_with_orientation(root / "exif_rotated.jpg", 6)
     exp["exif_rotated.jpg"] = MID  # 1/3 white -> mean ~85, nearer mid-grey than black
     write_dicom(root / "dicom_m2.dcm", stripes16(64, 64, 0.1))

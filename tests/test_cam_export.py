@@ -54,7 +54,8 @@ def test_fp32_and_int8_have_cam_output_and_metadata(cam_export):
     int8 = out.with_name("m.int8.onnx")
     for path in (out, int8):
         graph = onnx.load(str(path)).graph
-        assert [o.name for o in graph.output] == ["probabilities", "cam"]  # probabilities stays output 0
+        # probabilities stays output 0; the input check appends qc_score (docs/input-check.md)
+        assert [o.name for o in graph.output] == ["probabilities", "cam", "qc_score"]
         meta = _meta(path)["cam"]
         assert meta["available"] and meta["output"] == "cam" and meta["layer"] == "features"
         assert meta["grid"] == [2, 2]
@@ -84,7 +85,7 @@ def test_cam_spatial_mean_is_the_logit(cam_export):
     # int8: the head's Gemm is quantized while the map's conv stays float, so only close
     for path, atol in ((out, 1e-5), (out.with_name("m.int8.onnx"), 1e-2)):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        probs, cam = sess.run(None, {"image": x})
+        probs, cam = sess.run(["probabilities", "cam"], {"image": x})
         assert cam.shape == (len(x), len(CLASSES), 2, 2)
         logits = cam.mean(axis=(2, 3)) / t
         e = np.exp(logits - logits.max(1, keepdims=True))
@@ -116,7 +117,7 @@ def test_architectures_without_cam_say_why(tmp_path):
     out = tmp_path / "b.onnx"
     res = CliRunner().invoke(export_cli.main, [str(ckpt), "--out", str(out), "--no-bench", "--no-card"])
     assert res.exit_code == 0, res.output
-    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities"]
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "qc_score"]  # no cam
     meta = _meta(out)["cam"]
     assert meta == {"available": False, "reason": cam_mod.cam_support("baseline_cnn").reason}
     from cxr.export.card import model_card

@@ -14,6 +14,7 @@ from PIL import Image
 from cxr.runtime.cli import cli
 from cxr.runtime.csv_formula import FORMULA_START, guard_cell, unguard_cell
 from cxr.runtime.terminal_text import printable
+from synthetic import shaded
 from tiny_model import build_tiny_model
 
 FORMULA_NAMES = ["=cmd|' /C calc'!A0.png", "+1.png", "-x.png", "@x.png", "=HYPERLINK(\"x\",\"y\").png",
@@ -27,7 +28,7 @@ def hostile_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("names")
     for name in FORMULA_NAMES + PLAIN_NAMES:
         (root / name).parent.mkdir(exist_ok=True)  # the name holds a "/": a folder, then a file
-        Image.new("L", (24, 24), 30).save(root / name, format="PNG")
+        Image.fromarray(shaded(24, 24, 30)).save(root / name, format="PNG")  # not blank (input check)
     (root / BAD_NAME).write_text("=1+1 not an image")
     return root
 
@@ -79,7 +80,7 @@ def test_jsonl_keeps_the_raw_names(hostile_folder, tiny_model_path, monkeypatch)
 def test_class_names_from_the_model_are_guarded_too(tmp_path, monkeypatch):
     model = build_tiny_model(tmp_path / "m.onnx", classes=("=1+1", "@B", "-C"))
     (tmp_path / "imgs").mkdir()
-    Image.new("L", (24, 24), 10).save(tmp_path / "imgs" / "dark.png")
+    Image.fromarray(shaded(24, 24, 12, 8)).save(tmp_path / "imgs" / "dark.png")
     r = CliRunner().invoke(cli, ["scan", str(tmp_path / "imgs"), "--model", str(model), "--format", "csv"])
     assert r.exit_code == 0, r.output
     rows = list(csv.reader(io.StringIO(r.stdout)))
@@ -92,7 +93,7 @@ def test_class_names_from_the_model_are_guarded_too(tmp_path, monkeypatch):
 def test_table_output_shows_control_characters_as_escapes(tmp_path):
     names = ["red\x1b[31m.png", "back\rspace.png", "gpj\u202e.exe.png", "bell\x07.png"]
     for n in names:
-        Image.new("L", (24, 24), 30).save(tmp_path / n, format="PNG")
+        Image.fromarray(shaded(24, 24, 30)).save(tmp_path / n, format="PNG")
     model = build_tiny_model(tmp_path.parent / f"{tmp_path.name}-m.onnx")
     r = CliRunner().invoke(cli, ["scan", str(tmp_path), "--model", str(model), "--format", "table"])
     assert r.exit_code == 0, r.output

@@ -25,7 +25,7 @@ from PIL import Image
 
 from cxr.runtime.cli import cli
 from cxr.runtime.review_page import embed_json
-from synthetic import write_bad_files
+from synthetic import shaded, write_bad_files
 from tiny_cam_model import build_tiny_cam_model
 
 XSS_ALERT = "<img src=x onerror=alert(1)>.png"
@@ -42,11 +42,12 @@ def scanned(tmp_path_factory):
     src.mkdir()
     rng = np.random.default_rng(0)
     for i, level in enumerate((15, 60, 120, 128, 190, 240, 250, 100)):
-        a = np.clip(rng.normal(level, 20, (180, 220)), 0, 255).astype(np.uint8)
+        # smooth shading with mild noise: white noise alone is what the input check calls noise-like
+        a = np.clip(shaded(220, 180, level, 20) + rng.normal(0, 3, (180, 220)), 0, 255).astype(np.uint8)
         a[40:90, 30:100] = 255 - level  # a patch of the opposite brightness: where the map must glow
         Image.fromarray(a).save(src / f"film{i}.png")
-    Image.fromarray(np.full((64, 64), 240, np.uint8)).save(src / XSS_ALERT)
-    Image.fromarray(np.full((64, 64), 20, np.uint8)).save(src / XSS_MARK)
+    Image.fromarray(shaded(64, 64, 240)).save(src / XSS_ALERT)  # not blank: a blank image gets no class
+    Image.fromarray(shaded(64, 64, 20)).save(src / XSS_MARK)
     bad = write_bad_files(src / "bad")
     page = base / "out" / "report.html"
     res = CliRunner().invoke(cli, ["scan", str(src), "--model", str(model), "--format", "csv",
@@ -106,7 +107,7 @@ def test_result_fields_of_later_issues_show_when_present():
 
     pred = Prediction("COVID", 0.9, {"COVID": 0.9, "Normal": 0.1})
     plain = page_row(0, ScanResult("a.png", pred), ["COVID", "Normal"], "a.png", {})
-    assert "q" not in plain and "f" not in plain
+    assert plain["q"] == "unchecked" and "f" not in plain  # a model without an input check
     row = page_row(1, WithQc("b.png", pred), ["COVID", "Normal"], "b.png", {})
     assert row["q"] == "out_of_distribution" and row["qs"] == 0.93 and row["t"] == "refer"
     assert row["f"] == ["input check: out_of_distribution", "triage: refer"]

@@ -23,11 +23,12 @@ from cxr.runtime import engine
 from cxr.runtime.cli import cli
 from cxr.runtime.engine import Prediction, ScanResult
 from cxr.runtime.output import make_writer
-from synthetic import BRIGHT, DARK, write_bad_files, write_good_images
+from synthetic import BRIGHT, DARK, shaded, write_bad_files, write_good_images
 from tiny_model import build_tiny_model
 
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
-COLUMNS = ["path", "prediction", "confidence", "p_COVID", "p_Normal", "p_Viral Pneumonia", "status", "error", "triage"]
+COLUMNS = ["path", "prediction", "confidence", "p_COVID", "p_Normal", "p_Viral Pneumonia", "status", "error",
+           "qc", "qc_score", "triage"]
 
 
 def run(*args):
@@ -40,9 +41,9 @@ def folders(tmp_path_factory):
     (root / "good").mkdir()
     good = {}
     for i in range(5):
-        Image.new("L", (40, 30), 20).save(root / "good" / f"dark{i}.png")
+        Image.fromarray(shaded(40, 30, 20)).save(root / "good" / f"dark{i}.png")
         good[f"dark{i}.png"] = DARK
-    Image.new("L", (30, 40), 240).save(root / "good" / "bright.png")
+    Image.fromarray(shaded(30, 40, 240)).save(root / "good" / "bright.png")
     good["bright.png"] = BRIGHT
     (root / "good" / "notes.xlsx").write_bytes(b"PK")
     bad = {"empty.png": "empty file", "text.png": "not a recognised image format"}
@@ -223,14 +224,14 @@ def test_writers_flush_each_row(tmp_path):
 def test_ctrl_c_keeps_finished_rows_and_prints_summary(tmp_path, tiny_model_path, monkeypatch):
     for i in range(8):
         Image.new("L", (16, 16), 20).save(tmp_path / f"img_{i:03d}.png")
-    real = engine.load_image
+    real = engine.load_image_with_facts
 
     def interrupting(path):
         if Path(path).name == "img_005.png":
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(engine, "load_image", interrupting)
+    monkeypatch.setattr(engine, "load_image_with_facts", interrupting)
     out = tmp_path / "res.csv"
     r = run("scan", tmp_path, "--model", tiny_model_path, "-o", out, "--batch-size", "1", "--workers", "1")
     assert r.exit_code == 130
@@ -261,7 +262,7 @@ def test_scan_never_imports_torch_or_training(tmp_path, tiny_model_path):
     good = write_good_images(tmp_path / "imgs") if _has_pydicom() else None
     target = tmp_path / "imgs" if good else tmp_path
     if not good:
-        Image.new("L", (16, 16), 20).save(tmp_path / "a.png")
+        Image.fromarray(shaded(16, 16, 20)).save(tmp_path / "a.png")
     code = f"""
 import json, sys
 from cxr.runtime.cli import main

@@ -13,7 +13,7 @@ from PIL import Image
 from cxr.runtime import Classifier, ImageReadError, ScanStats, scan_files
 from cxr.runtime.discover import iter_inputs
 from cxr.runtime.output import display_path
-from synthetic import BRIGHT, DARK, MID, write_bad_files, write_good_images, write_skippable
+from synthetic import BRIGHT, DARK, MID, shaded, write_bad_files, write_good_images, write_skippable
 from tiny_model import build_tiny_model
 
 pytest.importorskip("pydicom")
@@ -29,7 +29,7 @@ def mixed_folder(tmp_path_factory):
     good["link_to_dark.png"] = DARK
     os.symlink(root / "good" / "sub", root / "good" / "linked_folder")  # not followed
     weird = os.fsdecode(b"caf\xe9-latin1.png")  # not valid UTF-8
-    Image.new("L", (16, 16), 235).save(os.path.join(os.fsencode(root / "good"), os.fsencode(weird)))
+    Image.fromarray(shaded(16, 16, 235)).save(os.path.join(os.fsencode(root / "good"), os.fsencode(weird)))
     good[weird] = BRIGHT
     return root, good, bad, skip
 

@@ -24,6 +24,7 @@ from cxr.runtime import triage
 from cxr.runtime.cli import cli
 from cxr.runtime.engine import Prediction, ScanResult
 from cxr.runtime.metrics import expected_calibration_error
+from synthetic import shaded
 from tiny_model import CLASSES, build_tiny_model
 
 onnx = pytest.importorskip("onnx", reason="building the test model needs onnx")
@@ -240,7 +241,7 @@ def films(tmp_path_factory):
     root = tmp_path_factory.mktemp("films")
     for c, levels in LEVELS.items():
         for v in levels:
-            Image.new("L", (40, 36), v).save(root / f"{c[:3]}-{v:03d}.png")
+            Image.fromarray(shaded(40, 36, v, 4)).save(root / f"{c[:3]}-{v:03d}.png")
     (root / "broken.png").write_bytes(b"not an image")
     return root
 
@@ -260,7 +261,7 @@ def _rows(fmt: str, text: str) -> list[dict]:
         if cells[0] == "ERROR":
             out.append({"path": cells[1], "status": "error", "triage": None})
         else:
-            out.append({"path": cells[-1], "status": "ok", "triage": cells[-2], "p_Normal": float(cells[-4])})
+            out.append({"path": cells[-1], "status": "ok", "triage": cells[-2], "p_Normal": float(cells[-6])})
     return out
 
 
@@ -340,7 +341,7 @@ def test_old_model_without_metadata_still_scans(tiny_model_path, films):
     assert "triage: unavailable (the model has no operating-point table" in res.stderr
     clf = Classifier.load(tiny_model_path)
     assert clf.triage_policy is None and "operating-point table" in clf.triage_note
-    assert clf.classify(np.full((32, 32), 20, np.uint8)).triage is None
+    assert clf.classify(shaded(32, 32, 20, 4)).triage is None
 
 
 def test_model_without_normal_class_scans_and_says_why(tmp_path, films):
@@ -359,8 +360,8 @@ def test_api_results_carry_triage(triage_model, films):
     path, op = triage_model
     clf = Classifier.load(path)
     assert clf.triage_policy.threshold == op["default"]["threshold"]
-    assert clf.classify(np.full((32, 32), 15, np.uint8)).triage == "refer"
-    assert clf.classify(np.full((32, 32), 128, np.uint8)).triage == "routine"
+    assert clf.classify(shaded(32, 32, 15, 4)).triage == "refer"
+    assert clf.classify(shaded(32, 32, 128, 4)).triage == "routine"
     results = list(clf.scan(films))
     assert [r.triage for r in results if not r.ok] == [None]
     assert {r.triage for r in results if r.ok} == {"refer", "routine"}
@@ -391,11 +392,11 @@ def test_bench_reports_realised_sensitivity_next_to_validation(triage_model, tmp
     for c, levels in {**LEVELS, "Lung_Opacity": [40, 128]}.items():
         (root / c).mkdir(parents=True)
         for v in levels:
-            Image.new("L", (40, 36), v).save(root / c / f"{v}.png")
+            Image.fromarray(shaded(40, 36, v, 4)).save(root / c / f"{v}.png")
     other = tmp_path / "other-site" / "Normal"  # a second source: normal films only
     other.mkdir(parents=True)
     for v in (90, 128, 165):
-        Image.new("L", (40, 36), v).save(other / f"{v}.png")
+        Image.fromarray(shaded(40, 36, v, 4)).save(other / f"{v}.png")
     out = tmp_path / "bench.json"
     res = run("bench", root, other.parent, "--model", path, "--json", out, "--runs", "3", "--batch-size", "4",
               "--threads", "1")

@@ -1,0 +1,218 @@
+"""The input check: should the model answer for this image at all?
+
+A classifier trained on frontal chest X-rays answers for anything it is given -- a CT slice, a
+photo, a blank page -- with a confident disease label. Each scanned image therefore gets a QC
+verdict, from three layers, cheapest and surest first:
+
+1. the DICOM header, where there is one (``Modality``, ``BodyPartExamined``, ``ViewPosition``);
+2. pixel checks that features cannot make: blank or near-constant images, white noise, colour
+   images, extreme aspect ratios;
+3. the model's own ``qc_score`` graph output (a distance to the training data's feature
+   statistics, computed by cxr-export) against the two thresholds the export stored in the
+   ``cxr.input_check`` metadata.
+
+Verdicts (``qc``): ``ok``; ``unfamiliar`` (a chest X-ray unlike the training data: the
+prediction is shown but less reliable); ``not_chest_xray`` and ``not_frontal`` (no diagnosis is
+shown); ``unchecked`` (a model exported before the check: no score to judge by, only the header
+and pixel checks ran). numpy only: this runs on the workstation. See docs/input-check.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED = (
+    "ok", "unfamiliar", "not_chest_xray", "not_frontal", "unchecked")
+QC_VALUES = (OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED)
+# Rows whose prediction is withheld in every output: the model was not made for such an image.
+NO_DIAGNOSIS = frozenset({NOT_CHEST_XRAY, NOT_FRONTAL})
+FLAGGED = frozenset({UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL})
+
+METADATA_KEY = "input_check"  # cxr.input_check
+SCORE_OUTPUT = "qc_score"
+
+# -- pixel-check limits (fixed, not fitted; why each value is safe for real X-rays is in
+#    docs/input-check.md) ----------------------------------------------------------------------
+COLOUR_THUMBNAIL = 64  # px, longest side of the copy the colour statistic is computed on
+COLOUR_SPREAD_MAX = 12.0  # mean per-pixel (max - min) over R, G, B, in 8-bit levels
+ASPECT_MAX = 3.0  # longer side / shorter side of the decoded image
+BLANK_STD_MIN = 2.0  # gray-level standard deviation of the model-size image, 8-bit levels
+NOISE_CORRELATION_MIN = 0.3  # correlation of horizontally adjacent pixels of the model-size image
+
+# -- DICOM header rules ------------------------------------------------------------------------
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})  # computed/digital radiography
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "CHEST_LAT", "CHESTLAT"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD"})
+DICOM_TAGS = ("Modality", "BodyPartExamined", "ViewPosition")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A QC reason plus a short human explanation (``detail``) of where it came from."""
+
+    qc: str
+    detail: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the decoder saw that grayscale conversion throws away; collected while reading.
+
+    ``colour_spread`` is None for sources that are grayscale by format (no colour channels).
+    ``dicom`` holds the DICOM_TAGS found in the header (upper-case, stripped; blank tags absent).
+    """
+
+    width: int
+    height: int
+    colour_spread: float | None = None
+    dicom: Mapping[str, str] | None = None
+
+
+def colour_spread(image) -> float | None:
+    """Mean per-pixel channel spread (max - min of R, G, B) on a small copy of a colour PIL
+    image; None for modes that carry no colour. Gray stored as RGB gives about 0 (JPEG chroma
+    noise a level or two); a photo or a dermoscopy image tens of levels."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        return None
+    if mode == "P":
+        pal = image.getpalette() or []
+        if pal and all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3)):
+            return 0.0  # a gray palette
+    w, h = image.size
+    scale = COLOUR_THUMBNAIL / max(w, h, 1)
+    size = (max(1, round(w * scale)), max(1, round(h * scale))) if scale < 1 else (w, h)
+    try:
+        rgb = np.asarray(image.convert("RGB").resize(size, Image.Resampling.NEAREST) if scale >= 1
+                         else image.resize(size, Image.Resampling.NEAREST).convert("RGB"), dtype=np.int16)
+    except (ValueError, OSError):  # a mode Pillow cannot turn into RGB: no colour verdict
+        return None
+    if rgb.size == 0:
+        return None
+    return float((rgb.max(axis=-1) - rgb.min(axis=-1)).mean())
+
+
+def header_verdict(dicom: Mapping[str, str] | None) -> Verdict | None:
+    """The DICOM header's answer, or None when it has none (not DICOM, or the tags are blank).
+
+    A lateral view is a chest X-ray, but not the frontal view the model learned: ``not_frontal``,
+    with the prediction withheld like ``not_chest_xray``."""
+    if not dicom:
+        return None
+    modality = dicom.get("Modality")
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        return Verdict(NOT_CHEST_XRAY, f"DICOM Modality {modality} is not a radiograph")
+    body = dicom.get("BodyPartExamined")
+    if body and body.replace(" ", "_") not in CHEST_BODY_PARTS:
+        return Verdict(NOT_CHEST_XRAY, f"DICOM BodyPartExamined {body} is not the chest")
+    view = dicom.get("ViewPosition")
+    if (view and view in LATERAL_VIEWS) or (body and "LAT" in body):
+        return Verdict(NOT_FRONTAL, f"DICOM ViewPosition {view or body}: a lateral view")
+    return None
+
+
+def pixel_verdict(facts: ImageFacts | None, pixels: np.ndarray | None) -> Verdict | None:
+    """Checks on the decoded image; ``pixels`` is the model-size uint8 image (before normalising).
+
+    Tens of microseconds in all: the statistics run on every 8th row of ``pixels``."""
+    if facts is not None:
+        if facts.colour_spread is not None and facts.colour_spread > COLOUR_SPREAD_MAX:
+            return Verdict(NOT_CHEST_XRAY, f"colour image (channel spread {facts.colour_spread:.0f} > "
+                                           f"{COLOUR_SPREAD_MAX:g})")
+        long_side, short_side = max(facts.width, facts.height), max(1, min(facts.width, facts.height))
+        if long_side / short_side > ASPECT_MAX:
+            return Verdict(NOT_CHEST_XRAY, f"aspect ratio {long_side / short_side:.1f}:1 (> {ASPECT_MAX:g}:1) "
+                                           f"of a {facts.width}x{facts.height} image")
+    if pixels is not None and pixels.ndim == 2 and pixels.size:
+        rows = pixels[::8].astype(np.float32)  # every 8th row of the model-size image
+        std = float(rows.std())
+        if std < BLANK_STD_MIN:
+            return Verdict(NOT_CHEST_XRAY, f"blank or near-constant image (gray-level std {std:.1f})")
+        left, right = rows[:, :-1:3].ravel(), rows[:, 1::3].ravel()  # horizontally adjacent pairs
+        n = min(left.size, right.size)
+        if n > 8:
+            left, right = left[:n] - left[:n].mean(), right[:n] - right[:n].mean()
+            denom = float(np.sqrt(np.dot(left, left) * np.dot(right, right)))
+            corr = float(np.dot(left, right)) / denom if denom > 0 else 1.0
+            if corr < NOISE_CORRELATION_MIN:
+                return Verdict(NOT_CHEST_XRAY, f"noise-like image (neighbouring pixels correlate {corr:.2f})")
+    return None
+
+
+def early_verdict(facts: ImageFacts | None, pixels: np.ndarray | None) -> Verdict | None:
+    """Header first (surest), then pixels; None when neither objects."""
+    return header_verdict(facts.dicom if facts is not None else None) or pixel_verdict(facts, pixels)
+
+
+@dataclass(frozen=True)
+class ScoreCheck:
+    """The model's ``qc_score`` thresholds, as cxr-export stored them in ``cxr.input_check``.
+
+    score > ``not_chest_xray`` -> not_chest_xray; score > ``unfamiliar`` -> unfamiliar; else ok.
+    """
+
+    unfamiliar: float
+    not_chest_xray: float
+    output: str = SCORE_OUTPUT
+    meta: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_metadata(cls, extra: Mapping[str, Any]) -> "ScoreCheck | None":
+        """From a model's decoded metadata extras; None when the model has no check (exported
+        before it). Raises ValueError for a present but unusable entry."""
+        raw = extra.get(METADATA_KEY)
+        if raw is None:
+            return None
+        doc = json.loads(raw) if isinstance(raw, str) else raw
+        if not isinstance(doc, dict):
+            raise ValueError(f"cxr.{METADATA_KEY} must be a JSON object")
+        th = doc.get("thresholds") or {}
+        try:
+            lo, hi = float(th[UNFAMILIAR]), float(th[NOT_CHEST_XRAY])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"cxr.{METADATA_KEY} lacks numeric thresholds.{UNFAMILIAR} and "
+                             f"thresholds.{NOT_CHEST_XRAY}") from None
+        if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
+            raise ValueError(f"cxr.{METADATA_KEY} thresholds must be finite with "
+                             f"{NOT_CHEST_XRAY} >= {UNFAMILIAR} (got {lo}, {hi})")
+        return cls(lo, hi, str(doc.get("output", SCORE_OUTPUT)), doc)
+
+    def verdict(self, score: float) -> Verdict:
+        if not np.isfinite(score) or score > self.not_chest_xray:
+            return Verdict(NOT_CHEST_XRAY, f"qc_score {score:.3g} > {self.not_chest_xray:.3g}: far from "
+                                           "every training X-ray")
+        if score > self.unfamiliar:
+            return Verdict(UNFAMILIAR, f"qc_score {score:.3g} > {self.unfamiliar:.3g}: unlike the training X-rays")
+        return Verdict(OK)
+
+
+def find_score_check(extra: Mapping[str, Any], outputs: list[str]) -> tuple[str | None, ScoreCheck | None, str | None]:
+    """(score output name, thresholds, a note for the user) for a loaded model's metadata extras
+    and graph outputs. A model exported before the check has neither: (None, None, None)."""
+    check = ScoreCheck.from_metadata(extra)
+    name = check.output if check is not None else SCORE_OUTPUT
+    if name not in outputs:
+        if check is None:
+            return None, None, None
+        return None, None, (f"note: the metadata describes an input check but the graph has no {name!r} output; "
+                            "qc is 'unchecked' (header and pixel checks still run)")
+    if check is None:
+        return name, None, (f"note: the graph has a {name!r} output but no cxr.{METADATA_KEY} thresholds; "
+                            "qc is 'unchecked' and qc_score is reported as is")
+    return name, check, None
+
+
+def final_verdict(early: Verdict | None, score: float | None, check: ScoreCheck | None) -> Verdict:
+    """Combine: a header/pixel objection wins; then the model's score; without one, unchecked."""
+    if early is not None:
+        return early
+    if check is None or score is None:
+        return Verdict(UNCHECKED, "this model has no input check (exported before it)" if check is None
+                       else "the model gave no qc_score")
+    return check.verdict(score)
