@@ -37,6 +37,7 @@ METHOD = "ppca-mahalanobis-multidepth/1"
 DEFAULT_COMPONENTS = 64
 SD_FLOOR = 1e-2  # feature sd floor, as a fraction of the tap's mean feature sd (dead channels)
 MEANS_ONLY_ABOVE = 28  # px: larger maps give channel means only (cost; see pooled)
+STD_EPS = 1e-6  # added to each pooled variance: channel sds below ~1e-3 read as ~1e-3
 RESIDUAL_FLOOR = 1e-2  # variance floor of the left-out directions, as a fraction of the mean eigenvalue
 
 
@@ -135,7 +136,9 @@ def pooled(t, with_std: bool = True):
     if not with_std:
         return m
     var = ((t - m[:, :, None, None]) ** 2).mean(dim=(2, 3))
-    return torch.cat([m, torch.sqrt(var + 1e-12)], dim=1)
+    # STD_EPS: a constant channel's variance is rounding noise (1e-14 in PyTorch, 1e-10 in
+    # onnxruntime); under a square root that noise became a 0.2 shift of the score between them
+    return torch.cat([m, torch.sqrt(var + STD_EPS)], dim=1)
 
 
 class TapRecorder:
@@ -256,7 +259,7 @@ def build_head(depths: Sequence[DepthModel]):
                     d2 = d2 + ((z * z).sum(dim=1) - pp.sum(dim=1)) * coef[0]
                 s = (d2 - coef[1]) * coef[2]
                 total = s if total is None else total + s
-            return total / float(self.n)
+            return total * (1.0 / self.n)  # a Mul: the graph's only Div stays the temperature
 
     return QCHead().eval()
 

@@ -148,5 +148,8 @@ def test_exported_model_triages_in_the_runtime(exports, run):
     results = list(clf.scan(root))
     assert results and all(r.triage in ("refer", "routine") for r in results)
     t = clf.triage_policy.threshold
-    assert all(r.triage == ("refer" if 1 - r.prediction.probabilities["Normal"] >= t else "routine") for r in results)
+    # an input the input check flags is referred whatever its probabilities (these synthetic films
+    # are flat + white noise, which the pixel check calls noise-like)
+    assert all(r.triage == ("refer" if r.qc not in ("ok", "unchecked") or 1 - r.prediction.probabilities["Normal"] >= t
+                            else "routine") for r in results)
     assert Classifier.load(out / "raw.onnx").triage_policy is None
