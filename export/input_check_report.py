@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cxr.runtime.inputcheck import NOT_CHEST_XRAY, UNFAMILIAR, Verdict
-from cxr.runtime.inputcheck_bench import auroc
+from cxr.runtime.metrics import auroc
 from cxr.runtime.preprocess import Preprocessing, normalize
 
 from .data import ExportInputError, Manifest, log, stratified_subset

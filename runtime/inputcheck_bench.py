@@ -14,27 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .inputcheck import FLAGGED, NO_DIAGNOSIS
-
-
-def auroc(negatives: Sequence[float], positives: Sequence[float]) -> float | None:
-    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney U, from
-    average ranks); None when either side is empty. Non-finite scores rank as the highest."""
-    neg = np.asarray(negatives, np.float64).reshape(-1)
-    pos = np.asarray(positives, np.float64).reshape(-1)
-    if neg.size == 0 or pos.size == 0:
-        return None
-    s = np.concatenate([neg, pos])
-    s = np.where(np.isfinite(s), s, np.inf)
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(s.size, np.float64)
-    sorted_s = s[order]
-    # average rank per run of equal values
-    starts = np.r_[0, np.flatnonzero(sorted_s[1:] != sorted_s[:-1]) + 1]
-    ends = np.r_[starts[1:], s.size]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
-    u = ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2.0
-    return float(u / (neg.size * pos.size))
+from .metrics import auroc
 
 
 def qc_group_rates(results: Sequence[Any], groups: Sequence[str]) -> dict[str, dict[str, Any]]:

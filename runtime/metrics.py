@@ -23,31 +23,31 @@ def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
 
 
+def auroc(negatives, positives) -> float | None:
+    """P(score of a positive > score of a negative), ties counting half (Mann-Whitney U, from
+    average ranks); None when either side is empty. Non-finite scores rank as the highest."""
+    neg = np.asarray(negatives, np.float64).reshape(-1)
+    pos = np.asarray(positives, np.float64).reshape(-1)
+    if neg.size == 0 or pos.size == 0:
+        return None
+    s = np.concatenate([neg, pos])
+    s = np.where(np.isfinite(s), s, np.inf)
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size, np.float64)
+    sorted_s = s[order]
+    # average rank per run of equal values
+    starts = np.r_[0, np.flatnonzero(sorted_s[1:] != sorted_s[:-1]) + 1]
+    ends = np.r_[starts[1:], s.size]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    u = ranks[neg.size:].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
 def roc_auc_ovr(y_true: np.ndarray, probs: np.ndarray) -> list[float | None]:
     """One-vs-rest ROC AUC per class; None where a class has no positives or no negatives."""
     y_true = np.asarray(y_true)
-    out: list[float | None] = []
-    for c in range(probs.shape[1]):
-        pos = y_true == c
-        n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-        if n_pos == 0 or n_neg == 0:
-            out.append(None)
-            continue
-        scores = probs[:, c]
-        order = np.argsort(scores, kind="mergesort")
-        ranks = np.empty(len(scores), dtype=np.float64)
-        sorted_scores = scores[order]
-        # average ranks for ties
-        i = 0
-        while i < len(sorted_scores):
-            j = i
-            while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
-                j += 1
-            ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-            i = j + 1
-        u = ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0
-        out.append(float(u / (n_pos * n_neg)))
-    return out
+    return [auroc(probs[y_true != c, c], probs[y_true == c, c]) for c in range(probs.shape[1])]
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:

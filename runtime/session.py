@@ -80,12 +80,12 @@ class Model:
     first_inference_ms: float | None = None
     notes: list[str] = field(default_factory=list)
     cam_output: str | None = None  # the class-activation map output, when the model has one
+    qc_output: str | None = None  # the graph's qc_score output, when it has one
+    input_check: Any = None  # inputcheck.ScoreCheck from cxr.input_check; None: model exported before it
 
     @property
     def has_cam(self) -> bool:
         return self.cam_output is not None
-    qc_output: str | None = None  # the graph's qc_score output, when it has one
-    input_check: Any = None  # inputcheck.ScoreCheck from cxr.input_check; None: model exported before it
 
     @property
     def classes(self) -> list[str]:
@@ -102,24 +102,10 @@ class Model:
         out = self.session.run([self.output_name], {self.input_name: batch})[0]
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
 
-    def run_with_cam(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [N, C, S, S] -> (probabilities [N, K], class-activation maps [N, K, h, w]).
-
-        Only this call asks onnxruntime for the map; ``run`` names the probabilities alone, and
-        onnxruntime then skips the map's nodes (docs/heatmaps.md has the measurement)."""
-        if self.cam_output is None:
-            raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
-        probs, cam = self.session.run([self.output_name, self.cam_output], {self.input_name: batch})
-        n = batch.shape[0]
-        return np.asarray(probs, dtype=np.float32).reshape(n, -1), np.asarray(cam, dtype=np.float32)
-    def run_checked(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities [N, K], qc_score [N] or None when the graph has no such output), one call."""
-        probs, _, score = self.run_outputs(batch)
-        return probs, score
-
     def run_outputs(self, batch: np.ndarray, cam: bool = False):
         """(probabilities [N, K], maps [N, K, h, w] or None, qc_score [N] or None) in one call:
-        the map only when asked (``cam``), the input check's score whenever the graph has one."""
+        the map only when asked (``cam``), the input check's score whenever the graph has one.
+        onnxruntime runs the map's nodes either way (docs/heatmaps.md); not fetching it saves the copy."""
         if cam and self.cam_output is None:
             raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
         if not cam and not self.qc_output:

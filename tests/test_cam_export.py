@@ -102,7 +102,7 @@ def test_runtime_reads_cam(cam_export):
     model = load_model(out)
     assert model.has_cam and model.cam_output == "cam"
     x = _images(root, 3)
-    p, cam = model.run_with_cam(x)
+    p, cam, _ = model.run_outputs(x, cam=True)
     np.testing.assert_array_equal(p, model.run(x))
     assert cam.shape == (3, 3, 2, 2) and cam.dtype == np.float32
 

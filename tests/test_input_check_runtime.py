@@ -18,7 +18,7 @@ from PIL import Image
 from cxr.runtime import Classifier
 from cxr.runtime.cli import EXIT_NOT_CHEST_XRAY, cli
 from cxr.runtime.inputcheck import (ImageFacts, ScoreCheck, colour_spread, header_verdict, pixel_verdict)
-from cxr.runtime.inputcheck_bench import auroc
+from cxr.runtime.metrics import auroc
 from cxr.runtime.session import ModelLoadError, load_model
 from synthetic import BRIGHT, MID, shaded, write_dicom
 from tiny_model import build_tiny_model
