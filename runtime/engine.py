@@ -109,7 +109,7 @@ class ScanResult:
         An input the input check flagged is always "refer"."""
         if self.prediction is None:
             return None
-        if triage_mod.qc_flagged(getattr(self, "qc", None)):
+        if triage_mod.qc_flagged(self.qc):
             return triage_mod.REFER
         return self.prediction.triage
 

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .csv_formula import guard_cell
 from .engine import ScanResult, ScanStats
-from .inputcheck import QC_VALUES
+from .inputcheck import FLAGGED, NO_DIAGNOSIS, OK, QC_VALUES, UNCHECKED
 from .terminal_text import printable
 
 FORMATS = ("table", "csv", "jsonl", "json")
@@ -165,7 +165,7 @@ class TableWriter(Writer):
             score = rec["qc_score"]
             cells += [f"{rec['qc']:<{self._qw}}", f"{score:>8.2f}" if score is not None else f"{'-':>8}"]
             cells.append(f"{rec['triage'] or '-':<7}")
-            flagged = rec["qc"] not in ("ok", "unchecked") and rec.get("qc_detail")
+            flagged = rec["qc"] in FLAGGED and rec.get("qc_detail")
             tail = rec["path"] + (f"  ({rec['qc_detail']})" if flagged else "")
             self.stream.write("  ".join(cells + [printable(tail)]) + "\n")
         else:
@@ -213,11 +213,9 @@ def format_summary(stats: ScanStats, classes: list[str]) -> str:
 
 def format_qc_summary(stats: ScanStats) -> list[str]:
     """The input check's verdicts over the classified rows, flagged reasons first."""
-    from .inputcheck import NO_DIAGNOSIS
-
     if not stats.qc:
         return []
-    order = [q for q in QC_VALUES if q not in ("ok", "unchecked")] + ["ok", "unchecked"]
+    order = [q for q in QC_VALUES if q in FLAGGED] + [OK, UNCHECKED]
     order += sorted(q for q in stats.qc if q not in order)
     counts = ", ".join(f"{stats.qc[q]} {q}" for q in order if stats.qc.get(q))
     lines = [f"  input check: {counts}"]

@@ -23,10 +23,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .inputcheck import OK, UNCHECKED
+
 FORMAT = "cxr-operating-points/1"
 COLUMNS = ("threshold", "sensitivity", "specificity", "referred")
 REFER, ROUTINE = "refer", "routine"
-QC_PASS = ("ok", "unchecked", None, "")
+# verdicts that pass; anything else, an unknown value included, is flagged and referred
+QC_PASS = (OK, UNCHECKED, None, "")
 
 
 class TriageUnavailable(Exception):
