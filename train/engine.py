@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .checkpoint import CheckpointError, load_checkpoint, to_plain
 from .evaluate import predict_probs, test_report
 from .models import build_model, count_parameters, load_pretrained
 from .split import (load_manifest, make_split, missing_combinations, save_manifest, source_class_counts, split_counts,
-                    split_items, split_sources)
+                    sources_by_path, split_items)
 
 CHECKPOINT_FORMAT = "cxr-checkpoint/1"
 PROGRESS_EVERY_S = 60.0  # a step-progress line on stderr at most this often within an epoch
@@ -206,8 +207,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
     k = len(classes)
     pp = Preprocessing(size=cfg.image_size, resize=cfg.resize, interpolation=cfg.interpolation,
                        mean=cfg.mean, std=cfg.std)
-    src_of = {p: s for split in ("train", "val") for (p, _), s in
-              zip(split_items(manifest, split), split_sources(manifest, split))}
+    src_of = sources_by_path(manifest)
     train_items = _limit(split_items(manifest, "train"), cfg.limit_per_class, cfg.seed)
     val_items = _limit(split_items(manifest, "val"), cfg.limit_per_class and max(2, cfg.limit_per_class // 4), cfg.seed)
     val_sources = [src_of[p] for p, _ in val_items]
@@ -231,8 +231,8 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
     weights = class_weight_vector(y_train.numpy(), k) if cfg.class_weights else None
     sample_w = None
     if cfg.class_weights and cfg.balance == "source-class":
-        groups = np.array([f"{src_of[p]}\0{y}" for p, y in train_items])
-        sample_w = group_weight_vector(groups)
+        groups = [f"{src_of[p]}/{classes[y]}" for p, y in train_items]
+        sample_w = group_weight_vector(np.array(groups))
         weights = None
     criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None,
                                           label_smoothing=cfg.label_smoothing,
@@ -286,11 +286,10 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
         if weights is not None:
             _log("[train] class weights " + ", ".join(f"{c}={w:.3f}" for c, w in zip(classes, weights.tolist())), info)
         if sample_w is not None:
-            seen = {}
-            for (p, y), w in zip(train_items, sample_w.tolist()):
-                seen.setdefault(f"{src_of[p]}/{classes[y]}", (w, 0))
-                seen[f"{src_of[p]}/{classes[y]}"] = (w, seen[f"{src_of[p]}/{classes[y]}"][1] + 1)
-            _log("[train] (source, class) weights " + ", ".join(f"{g}={w:.2f} (n={n})" for g, (w, n) in seen.items()), info)
+            weight_of = dict(zip(groups, sample_w.tolist()))
+            n_of = Counter(groups)
+            _log("[train] (source, class) weights "
+                 + ", ".join(f"{g}={w:.2f} (n={n_of[g]})" for g, w in weight_of.items()), info)
 
     def checkpoint(epoch: int, val_metrics: dict, extra: dict | None = None) -> dict:
         ck = {
@@ -444,7 +443,7 @@ def finish(out: Path, device: torch.device, shift: bool = True, limit: int | Non
     manifest = load_manifest(manifest_path, data_root)
     if manifest["classes"] != ck["classes"]:
         raise SystemExit(f"error: {manifest_path} has classes {manifest['classes']}, the checkpoint {ck['classes']}")
-    src_of = dict(zip((p for p, _ in split_items(manifest, "test")), split_sources(manifest, "test")))
+    src_of = sources_by_path(manifest)
     test_items = _limit(split_items(manifest, "test"), limit and max(2, limit // 4), seed)
     test_sources = [src_of[p] for p, _ in test_items]
     paths = [p for p, _ in test_items]

@@ -99,9 +99,10 @@ def split_items(manifest: dict, split: str) -> list[tuple[Path, int]]:
     return [(item_path(manifest, r, roots), index[r["label"]]) for r in split_rows(manifest, split)]
 
 
-def split_sources(manifest: dict, split: str) -> list[str]:
-    """The source of each image of ``split_items(manifest, split)``, same order."""
-    return [r["source"] for r in split_rows(manifest, split)]
+def sources_by_path(manifest: dict) -> dict[Path, str]:
+    """Absolute image path -> its source, for every item (the keys of ``split_items``)."""
+    roots = source_roots(manifest)
+    return {item_path(manifest, r, roots): r["source"] for r in manifest["items"]}
 
 
 def split_counts(manifest: dict) -> dict:
