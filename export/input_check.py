@@ -37,7 +37,6 @@ METHOD = "ppca-mahalanobis-multidepth/1"
 DEFAULT_COMPONENTS = 64
 SD_FLOOR = 1e-2  # feature sd floor, as a fraction of the tap's mean feature sd (dead channels)
 MEANS_ONLY_ABOVE = 28  # px: larger maps give channel means only (cost; see pooled)
-STD_EPS = 1e-6  # added to each pooled variance: channel sds below ~1e-3 read as ~1e-3
 RESIDUAL_FLOOR = 1e-2  # variance floor of the left-out directions, as a fraction of the mean eigenvalue
 
 
@@ -49,7 +48,7 @@ class Tap:
     module: object
     kind: str  # "stage": pooled statistics of a 4-D output; "head": input of the final Linear
     dim: int = 0
-    with_std: bool = True  # stage taps: channel standard deviations after the means
+    with_rms: bool = True  # stage taps: channel root mean squares after the means
 
 
 def _trunk(model) -> list[tuple[str, object]]:
@@ -114,31 +113,32 @@ def find_taps(model, input_shape: tuple[int, int, int]) -> list[Tap]:
         taps = taps[1:]  # the stem
     if not taps:
         raise ValueError("no 4-D trunk output found for the input check")
-    last_channels = taps[-1].dim // (2 if taps[-1].with_std else 1)
+    last_channels = taps[-1].dim // (2 if taps[-1].with_rms else 1)
     if head is not None and head_dim and head_dim[0] != last_channels:
         taps.append(Tap(head[0], head[1], "head", int(head_dim[0])))
     return taps
 
 
-def pooled(t, with_std: bool = True):
-    """[N, C, H, W] -> [N, 2C]: per-channel spatial mean, then standard deviation ([N, C]:
-    means only); [N, D] as is.
+def pooled(t, with_rms: bool = True):
+    """[N, C, H, W] -> [N, 2C]: per-channel spatial mean, then root mean square ([N, C]: means
+    only); [N, D] as is.
 
-    Why means only on large maps: the standard deviation takes three more passes over the map,
-    and MobileNetV2-224's stem, 112 px and 56 px maps hold most of the tapped values; reading them
-    whole made the check cost about 0.9 ms of CPU per image, a third of an int8 inference here.
-    (A strided sub-grid was tried instead: onnxruntime's strided Slice cost more than it saved.)"""
+    The second statistic is the root mean square, not the standard deviation: given the mean they
+    carry the same information (sd^2 = rms^2 - mean^2), but the RMS is two passes over the map
+    (square, average), where the sd took three (subtract the mean, square, average) plus a square
+    root of a difference that rounding can make negative. (ONNX ``ReduceL2`` would be one pass,
+    but onnxruntime's symbolic shape inference, which int8 quantization runs first, cannot infer
+    its output shape when the axes are an input, as from opset 18.) Large maps give means only:
+    MobileNetV2-224's 112 px and 56 px maps hold most of the tapped values. (A strided sub-grid
+    was tried instead: onnxruntime's strided Slice cost more than it saved.)"""
     import torch
 
     if t.dim() == 2:
         return t
     m = t.mean(dim=(2, 3))
-    if not with_std:
+    if not with_rms:
         return m
-    var = ((t - m[:, :, None, None]) ** 2).mean(dim=(2, 3))
-    # STD_EPS: a constant channel's variance is rounding noise (1e-14 in PyTorch, 1e-10 in
-    # onnxruntime); under a square root that noise became a 0.2 shift of the score between them
-    return torch.cat([m, torch.sqrt(var + STD_EPS)], dim=1)
+    return torch.cat([m, torch.sqrt((t * t).mean(dim=(2, 3)))], dim=1)
 
 
 class TapRecorder:
@@ -155,7 +155,7 @@ class TapRecorder:
                     lambda mod, inp, i=i: self.values.__setitem__(i, pooled(inp[0]))))
             else:
                 self._hooks.append(t.module.register_forward_hook(
-                    lambda mod, inp, out, i=i, s=t.with_std: self.values.__setitem__(i, pooled(out, s))))
+                    lambda mod, inp, out, i=i, s=t.with_rms: self.values.__setitem__(i, pooled(out, s))))
 
     def take(self) -> list:
         vals, self.values = self.values, [None] * len(self.taps)
@@ -230,36 +230,59 @@ def score_from_depths(depths: Sequence[DepthModel], vectors: Sequence[np.ndarray
     return np.mean([(dm.distance2(v) - dm.center) * dm.inv_scale for dm, v in zip(depths, vectors)], axis=0)
 
 
+def head_weights(depths: Sequence[DepthModel]) -> dict[str, np.ndarray]:
+    """The score as few tensors as possible, for a graph of few nodes (each node costs a dispatch).
+
+    With ``z`` the standardised vector of a depth, ``p = z C`` its projection and ``r = z - p C^T``
+    what the kept components leave (zero where a depth keeps every direction), the standardised
+    distance ``(d2 - center) x inv_scale``, averaged over the depths, is
+
+        score = sum_j p_j^2 a_j + sum_d r_d^2 b_d + c
+
+    over all depths' components ``j`` and features ``d`` at once, with
+    ``a_j = inv_var_j x inv_scale / n``, ``b_d = inv_residual x inv_scale / n`` and
+    ``c = -sum(center x inv_scale) / n``: every weight is positive, so float32 sums lose nothing
+    to cancellation. (Writing the residual as ``|z|^2 - |p|^2`` instead subtracts two sums of
+    thousands of terms: 500 times the rounding error, measured on the shipped model's test
+    split.) So the graph concatenates the taps, standardises them in one step, projects each
+    depth (one MatMul per depth and one Gemm back, sharing the matrix; a block-diagonal matrix
+    would be mostly zeros), and weighs the squares with one MatMul.
+    """
+    n = len(depths)
+    a = [dm.inv_var * dm.inv_scale / n for dm in depths]
+    b = [np.full(len(dm.mean), dm.inv_residual * dm.inv_scale / n) for dm in depths if dm.inv_residual]
+    return {"mean": np.concatenate([dm.mean for dm in depths]),
+            "inv_sd": np.concatenate([dm.inv_sd for dm in depths]),
+            "weights": np.concatenate(a + b)[:, None],
+            "offset": np.array([-sum(dm.center * dm.inv_scale for dm in depths) / n])}
+
+
 def build_head(depths: Sequence[DepthModel]):
-    """A torch module: list of pooled tap vectors -> qc_score [N] (float32 buffers)."""
+    """A torch module: list of pooled tap vectors -> qc_score [N] (float32 buffers); the graph
+    that ``head_weights`` describes."""
     import torch
+
+    w = head_weights(depths)
+    sizes = [len(dm.mean) for dm in depths]
+    residual = [bool(dm.inv_residual) for dm in depths]
 
     class QCHead(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.n = len(depths)
-            self.residual = [bool(dm.inv_residual) for dm in depths]
             f32 = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
+            for name, value in w.items():
+                self.register_buffer(name, f32(value))
             for i, dm in enumerate(depths):
-                self.register_buffer(f"mean{i}", f32(dm.mean))
-                self.register_buffer(f"inv_sd{i}", f32(dm.inv_sd))
                 self.register_buffer(f"comp{i}", f32(dm.components))
-                self.register_buffer(f"inv_var{i}", f32(dm.inv_var))
-                self.register_buffer(f"coef{i}", f32([dm.inv_residual, dm.center, dm.inv_scale]))
 
         def forward(self, vectors: list):
-            total = None
-            for i, v in enumerate(vectors):
-                z = (v - getattr(self, f"mean{i}")) * getattr(self, f"inv_sd{i}")
-                p = torch.matmul(z, getattr(self, f"comp{i}"))
-                pp = p * p
-                d2 = (pp * getattr(self, f"inv_var{i}")).sum(dim=1)
-                coef = getattr(self, f"coef{i}")
-                if self.residual[i]:
-                    d2 = d2 + ((z * z).sum(dim=1) - pp.sum(dim=1)) * coef[0]
-                s = (d2 - coef[1]) * coef[2]
-                total = s if total is None else total + s
-            return total * (1.0 / self.n)  # a Mul: the graph's only Div stays the temperature
+            z = (torch.cat(vectors, dim=1) - self.mean) * self.inv_sd
+            parts = torch.split(z, sizes, dim=1)
+            p = [torch.matmul(zi, getattr(self, f"comp{i}")) for i, zi in enumerate(parts)]
+            r = [zi - torch.nn.functional.linear(pi, getattr(self, f"comp{i}"))
+                 for i, (zi, pi) in enumerate(zip(parts, p)) if residual[i]]
+            q = torch.cat([*p, *r], dim=1)
+            return torch.matmul(q * q, self.weights)[:, 0] + self.offset
 
     return QCHead().eval()
 
@@ -438,3 +461,128 @@ def nodes_serving_only(model_proto, outputs: Sequence[str], keep: str) -> list:
     main = ancestors(model_proto, [keep])
     branch = ancestors(model_proto, outputs)
     return [n for i, n in enumerate(model_proto.graph.node) if i in branch and i not in main]
+
+
+def pool_quantized_taps(model_proto, branch: "set[str]") -> list[str]:
+    """Rewrite an int8 (QDQ) graph so the score's pooling reads each tapped tensor once, as uint8.
+
+    In the quantized graph every tap is ``DequantizeLinear(q)`` feeding the network's next layer and
+    the score's pooling (a ``ReduceMean`` of x and a ``ReduceMean`` of ``Mul(x, x)``). onnxruntime
+    gives each consumer of a DequantizeLinear its own copy (so that each quantized node unit owns
+    its inputs): the full map was dequantized three times per tap, the largest part of the
+    check's cost in int8. Here the pooling reads ``Cast(q)`` instead, once, and the affine map
+    ``x = s (q - z)`` moves onto the pooled [N, C] vectors, where it is nearly free:
+
+        mean(x) = s (mean(q) - z)        mean(x^2) = s^2 (mean(q^2) - 2 z mean(q) + z^2)
+
+    Only that exact pattern is rewritten (per-tensor scale and zero point, spatial reductions
+    with keepdims=0); any other consumer in ``branch`` leaves its tap as it was. Returns the
+    names of the rewritten DequantizeLinear nodes.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in dict.fromkeys(n.input):
+            consumers.setdefault(i, []).append(n)
+
+    def keepdims0(n) -> bool:
+        return any(a.name == "keepdims" and a.i == 0 for a in n.attribute)
+
+    def scalar(name):
+        if name not in inits:
+            return None
+        a = numpy_helper.to_array(inits[name])
+        return a if a.size == 1 else None
+
+    new_inits, added, done = [], {}, []  # added: node name -> nodes to place after it
+
+    def const(name, value):
+        new_inits.append(numpy_helper.from_array(np.asarray(value, np.float32).reshape(()), name))
+        return name
+
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
+        x = dq.output[0]
+        mine = [c for c in consumers.get(x, []) if c.name in branch]
+        if not mine or len(dq.input) < 3:
+            continue
+        s, z = scalar(dq.input[1]), scalar(dq.input[2])
+        if s is None or z is None:
+            continue
+        means = [c for c in mine if c.op_type == "ReduceMean" and c.input[0] == x and keepdims0(c)]
+        squares = []
+        for c in mine:
+            if c.op_type == "Mul" and list(c.input) == [x, x]:
+                after = consumers.get(c.output[0], [])
+                if len(after) == 1 and after[0].op_type == "ReduceMean" and keepdims0(after[0]) \
+                        and after[0].input[0] == c.output[0]:
+                    squares.append((c, after[0]))
+        axes = {tuple(numpy_helper.to_array(inits[r.input[1]]).tolist()) if len(r.input) > 1 and r.input[1] in inits
+                else None for r in [*means, *(r for _, r in squares)]}
+        if len(means) > 1 or len(means) + len(squares) != len(mine) or len(axes) != 1 or None in axes:
+            continue
+        axes_name = (means[0] if means else squares[0][1]).input[1]
+        p = dq.name or x
+        qf = f"{p}/qc_q"
+        sc, zf = float(s), float(z)
+        out = [helper.make_node("Cast", [dq.input[0]], [qf], name=f"{p}/qc_cast", to=onnx.TensorProto.FLOAT)]
+        s_name, z_name = const(f"{p}/qc_s", sc), const(f"{p}/qc_z", zf)
+        mean_q = None
+        for r in means:
+            old = r.output[0]
+            r.input[0] = qf
+            r.output[0] = mean_q = f"{old}/qc_q"
+            added.setdefault(r.name, []).extend([
+                helper.make_node("Sub", [mean_q, z_name], [f"{old}/qc_c"], name=f"{old}/qc_sub"),
+                helper.make_node("Mul", [f"{old}/qc_c", s_name], [old], name=f"{old}/qc_scale")])
+        for mul, r in squares:
+            old = r.output[0]
+            mul.input[0] = mul.input[1] = qf
+            r.output[0] = f"{old}/qc_q2"
+            if zf == 0.0:
+                tail = [helper.make_node("Mul", [f"{old}/qc_q2", const(f"{old}/qc_s2", sc * sc)], [old], name=f"{old}/qc_scale")]
+            else:
+                if mean_q is None:
+                    mean_q = f"{p}/qc_mean_q"
+                    out.append(helper.make_node("ReduceMean", [qf, axes_name], [mean_q], name=f"{p}/qc_mean", keepdims=0))
+                tail = [helper.make_node("Mul", [mean_q, const(f"{old}/qc_2z", 2 * zf)], [f"{old}/qc_a"], name=f"{old}/qc_a"),
+                        helper.make_node("Sub", [f"{old}/qc_q2", f"{old}/qc_a"], [f"{old}/qc_b"], name=f"{old}/qc_b"),
+                        helper.make_node("Add", [f"{old}/qc_b", const(f"{old}/qc_z2", zf * zf)], [f"{old}/qc_c"], name=f"{old}/qc_c"),
+                        helper.make_node("Mul", [f"{old}/qc_c", const(f"{old}/qc_s2", sc * sc)], [old], name=f"{old}/qc_scale")]
+            added.setdefault(r.name, []).extend(tail)
+        added.setdefault(dq.name, []).extend(out)
+        done.append(dq.name)
+    if not done:
+        return done
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        nodes.extend(added.get(n.name, []))
+    nodes = _topological(nodes, {i.name for i in g.input} | set(inits) | {i.name for i in new_inits})
+    used = {i for n in nodes for i in n.input} | {o.name for o in g.output}
+    nodes = [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in used)]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(new_inits)
+    return done
+
+
+def _topological(nodes: list, available: set[str]) -> list:
+    """Nodes in an order where every input is produced first; ties keep the given order."""
+    have = set(available) | {""}
+    pending, out = list(nodes), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in have for i in n.input):
+                out.append(n)
+                have.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph has a cycle or a missing input near node {rest[0].name!r}")
+        pending = rest
+    return out

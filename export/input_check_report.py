@@ -23,6 +23,7 @@ from .data import ExportInputError, Manifest, log, stratified_subset
 from .input_check import METHOD, FittedCheck, iter_batches
 
 UNFAMILIAR_QUANTILE = 99.0  # per validation source
+UNFAMILIAR_CONFIDENCE = 0.95  # that the threshold is at or above that percentile
 NOT_CXR_FACTOR = 2.0  # not_chest_xray: this many times as far above the validation median
 
 
@@ -111,28 +112,57 @@ def torch_score_fn(wrapped) -> Callable[[np.ndarray], np.ndarray]:
 
 # --------------------------------------------------------------------------- thresholds and rates
 
+def confident_rank(n: int, quantile: float, confidence: float) -> int:
+    """The smallest rank k (1-based) such that the k-th smallest of n scores lies at or above the
+    population's ``quantile``-th percentile with probability at least ``confidence``, or n + 1
+    when n images cannot give that confidence.
+
+    The k-th smallest is below that percentile only when k or more of the n images are, so
+    P(k-th smallest >= percentile) = P(Binomial(n, quantile / 100) <= k - 1).
+    """
+    q = quantile / 100.0
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile must lie strictly between 0 and 100, got {quantile}")
+    log_q, log_p = math.log(q), math.log1p(-q)
+    cdf = 0.0
+    for j in range(n + 1):
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * log_q + (n - j) * log_p)
+        if cdf >= confidence:
+            return j + 1
+    return n + 1
+
+
 def thresholds(scores: np.ndarray, sources: Sequence[str], quantile: float = UNFAMILIAR_QUANTILE,
-               factor: float = NOT_CXR_FACTOR) -> dict:
+               factor: float = NOT_CXR_FACTOR, confidence: float = UNFAMILIAR_CONFIDENCE) -> dict:
     """The two thresholds from validation scores, and how they were chosen.
 
-    ``unfamiliar``: the largest over sources of each source's ``quantile``-th percentile, so no
-    source has more than 100 - quantile % of its validation X-rays above it. ``not_chest_xray``:
-    ``factor`` times as far above the validation median as ``unfamiliar`` is.
+    ``unfamiliar``: for each source, the score that lies at or above that source's ``quantile``-th
+    percentile with probability ``confidence`` (an order statistic, ``confident_rank``): the plain
+    sample percentile is below the true one half of the time, so a threshold on it flags more than
+    100 - quantile % of new X-rays from the same source about as often as not. A source too small
+    for that confidence gives its largest score. The threshold is the largest over sources.
+    ``not_chest_xray``: ``factor`` times as far above the validation median as ``unfamiliar`` is.
     """
     scores = np.asarray(scores, np.float64)
     src = np.asarray(list(sources))
-    # inverted_cdf: the ceil(n q / 100)-th smallest score, so that at most (100 - q) % lie above
-    # it for any n (interpolated percentiles leave more above on a small source)
-    per = {s: float(np.percentile(scores[src == s], quantile, method="inverted_cdf"))
-           for s in sorted(set(src.tolist()))}
+    per, ranks = {}, {}
+    for s in sorted(set(src.tolist())):
+        v = np.sort(scores[src == s])
+        k = confident_rank(len(v), quantile, confidence)
+        ranks[s] = {"n": int(len(v)), "rank": int(min(k, len(v))), "confident": bool(k <= len(v))}
+        per[s] = float(v[min(k, len(v)) - 1])
     lo = max(per.values())
     med = float(np.median(scores))
     hi = med + factor * (lo - med)
-    rule = (f"{UNFAMILIAR}: the largest over validation sources of each source's {quantile:g}th percentile of "
-            f"qc_score (the ceil(n x {quantile / 100:g})-th smallest score of its n images, so at most {100 - quantile:g} % of any source's validation X-rays score above it); "
+    rule = (f"{UNFAMILIAR}: the largest over validation sources of a {confidence:.0%} upper confidence bound on each "
+            f"source's {quantile:g}th percentile of qc_score (the k-th smallest of its n scores, with k the smallest rank "
+            f"such that P(Binomial(n, {quantile / 100:g}) <= k - 1) >= {confidence:g}; a source with too few images "
+            f"for that gives its largest score), so that with {confidence:.0%} confidence at most {100 - quantile:g} % "
+            f"of new X-rays from any validation source score above it; "
             f"{NOT_CHEST_XRAY}: median + {factor:g} x ({UNFAMILIAR} - median) of all validation scores")
     return {UNFAMILIAR: lo, NOT_CHEST_XRAY: hi, "rule": rule, "quantile": quantile, "factor": factor,
-            "validation_median": med, "per_source_percentile": per}
+            "confidence": confidence, "validation_median": med, "per_source_percentile": per,
+            "per_source_rank": ranks}
 
 
 def verdicts(scores: np.ndarray, early: Sequence[Verdict | None], th: dict) -> np.ndarray:
@@ -212,11 +242,11 @@ def metadata_entry(fitted: FittedCheck, th: dict, val_rates: dict, parity: dict,
         "precision": precision,
         "thresholds": {UNFAMILIAR: th[UNFAMILIAR], NOT_CHEST_XRAY: th[NOT_CHEST_XRAY]},
         "rule": th["rule"],
-        "score": ("mean over depths of the squared Mahalanobis distance of pooled per-channel mean and std "
+        "score": ("mean over depths of the squared Mahalanobis distance of pooled per-channel mean and root mean square "
                   "(probabilistic PCA covariance), each standardised by its training-split mean and sd; "
                   "higher = less like the training X-rays"),
         "validation": {"per_source": val_rates, "per_source_percentile": th["per_source_percentile"],
-                       "median": th["validation_median"]},
+                       "per_source_rank": th["per_source_rank"], "median": th["validation_median"]},
         "parity": parity,
         "runtime_checks": "DICOM header (Modality, BodyPartExamined, ViewPosition) and pixel checks (blank, "
                           "noise, colour, aspect ratio) run in the runtime before the score; see docs/input-check.md",

@@ -215,6 +215,12 @@ class Int8Builder:
                 extra_options={"CalibStridedMinMax": 1},
                 **scheme.ort_args(),
             )
+        if self.float_branch:
+            from .input_check import pool_quantized_taps
+
+            model = onnx.load(str(out_path))
+            if pool_quantized_taps(model, set(self.float_branch)):
+                onnx.save(model, str(out_path))
         dt = time.perf_counter() - t0
         if fresh:
             self.calibration_seconds[scheme.method] = round(dt, 2)

@@ -94,6 +94,8 @@ def test_score_output_in_fp32_and_int8_with_parity(exported):
     branch = ic.nodes_serving_only(onnx.load(str(int8)), ["qc_score"], "probabilities")
     assert branch and not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in branch)
     assert any(n.op_type == "MatMul" for n in branch)
+    # and it pools the taps from their uint8 tensors, each read once (pool_quantized_taps)
+    assert any(n.op_type == "Cast" for n in branch)
 
 
 def test_thresholds_follow_the_validation_rule(run_two_sources, exported):
@@ -104,7 +106,10 @@ def test_thresholds_follow_the_validation_rule(run_two_sources, exported):
         q = json.loads(_props(path)["cxr.input_check"])
         scores, sources = _val_scores(ort.InferenceSession(str(path)), ckpt.parent / "split.json", root, pp)
         src = np.array(sources)
-        per = {s: np.sort(scores[src == s])[int(np.ceil(0.99 * (src == s).sum())) - 1] for s in ("site-a", "site-b")}
+        # each source's 95 % upper confidence bound on its 99th percentile (its largest score when the
+        # source is too small for 95 % confidence: these sources have tens of images)
+        per = {s: np.sort(scores[src == s])[min(_binomial_rank((src == s).sum(), 0.99, 0.95), (src == s).sum()) - 1]
+               for s in ("site-a", "site-b")}
         lo = max(per.values())
         assert q["thresholds"]["unfamiliar"] == pytest.approx(lo, rel=1e-5, abs=1e-6)
         med = np.median(scores)
@@ -112,7 +117,38 @@ def test_thresholds_follow_the_validation_rule(run_two_sources, exported):
         for s in ("site-a", "site-b"):  # no source has more than 1 % above it
             assert (scores[src == s] > q["thresholds"]["unfamiliar"] + 1e-6).mean() <= 0.01
             assert q["validation"]["per_source"][s]["n"] == (src == s).sum()
-        assert "99th percentile" in q["rule"] and "median + 2" in q["rule"]
+        assert "99th percentile" in q["rule"] and "95% upper confidence bound" in q["rule"] and "median + 2" in q["rule"]
+
+
+def _binomial_rank(n: int, q: float, confidence: float) -> int:
+    """Smallest k with P(Binomial(n, q) <= k - 1) >= confidence, by exact integer binomials."""
+    from fractions import Fraction
+    from math import comb
+
+    n, qf, cdf = int(n), Fraction(q).limit_denominator(10_000), Fraction(0)
+    for j in range(n + 1):
+        cdf += comb(n, j) * qf ** j * (1 - qf) ** (n - j)
+        if cdf >= Fraction(confidence).limit_denominator(10_000):
+            return j + 1
+    return n + 1
+
+
+@pytest.mark.parametrize("n", [1, 51, 145, 299, 300, 1312, 4000])
+def test_confident_rank_matches_exact_binomial(n):
+    assert icr.confident_rank(n, 99.0, 0.95) == _binomial_rank(n, 0.99, 0.95)
+
+
+def test_confident_rank_bounds_the_percentile_with_its_confidence():
+    # uniform scores: the true 99th percentile is 0.99; the chosen order statistic must lie at or
+    # above it in at least 95 % of samples, and the next lower one in fewer
+    rng = np.random.default_rng(0)
+    n = 1312
+    k = icr.confident_rank(n, 99.0, 0.95)
+    u = np.sort(rng.random((4000, n)), axis=1)
+    assert (u[:, k - 1] >= 0.99).mean() >= 0.94
+    assert (u[:, k - 2] >= 0.99).mean() < 0.95
+    assert k > int(np.ceil(0.99 * n))  # stricter than the plain percentile
+    assert icr.confident_rank(100, 99.0, 0.95) == 101  # 100 images cannot bound a 99th percentile with 95 %
 
 
 def test_dev_folder_reported_not_used(exported):
@@ -188,7 +224,7 @@ def test_taps_are_stage_ends_plus_a_distinct_head():
     # features.0 (the stem) is left out; features.1's 112 px and features.3's 56 px maps give means only
     assert [t.name for t in taps] == ["features.1", "features.3", "features.6", "features.10",
                                       "features.13", "features.16", "features.17", "features.18"]
-    assert [t.dim for t in taps[:3]] == [16, 24, 2 * 32] and not taps[1].with_std and taps[2].with_std
+    assert [t.dim for t in taps[:3]] == [16, 24, 2 * 32] and not taps[1].with_rms and taps[2].with_rms
     assert taps[-1].dim == 2 * 1280  # its pooled mean is the penultimate layer: no separate head tap
     cnn = ic.find_taps(build_model("baseline_cnn", num_classes=3, input_size=32), (1, 32, 32))
     assert cnn[-1].kind == "head" and cnn[-1].dim == 128
@@ -198,5 +234,60 @@ def test_pooled_statistics():
     t = torch.rand(2, 3, 20, 20)
     v = ic.pooled(t).numpy()
     np.testing.assert_allclose(v[:, :3], t.numpy().mean(axis=(2, 3)), rtol=1e-5)
-    np.testing.assert_allclose(v[:, 3:], t.numpy().std(axis=(2, 3)), rtol=1e-4)
-    np.testing.assert_allclose(ic.pooled(t, with_std=False).numpy(), v[:, :3])
+    # the second statistic is the root mean square
+    np.testing.assert_allclose(v[:, 3:], np.sqrt((t.numpy() ** 2).mean(axis=(2, 3))), rtol=1e-5)
+    np.testing.assert_allclose(ic.pooled(t, with_rms=False).numpy(), v[:, :3])
+
+
+def _qdq_tap_graph(zero_point: int, with_square: bool = True) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv (the network) and DQ -> pooled mean and mean of squares (the score's
+    branch), as cxr-export's int8 graph has them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+            numpy_helper.from_array(np.array(zero_point, np.uint8), "z"),
+            numpy_helper.from_array(rng.normal(size=(4, 3, 1, 1)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="quant"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["t"], name="dq"),
+             helper.make_node("Conv", ["t", "w"], ["y"], name="net"),
+             helper.make_node("ReduceMean", ["t", "axes"], ["m"], name="mean", keepdims=0)]
+    outs = ["y", "m"]
+    if with_square:
+        nodes += [helper.make_node("Mul", ["t", "t"], ["tt"], name="square"),
+                  helper.make_node("ReduceMean", ["tt", "axes"], ["e2"], name="mean2", keepdims=0),
+                  helper.make_node("Sqrt", ["e2"], ["rms"], name="sqrt")]
+        outs.append("rms")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 6])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, 4, 5, 6] if o == "y" else [2, 3])
+                               for o in outs], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+@pytest.mark.parametrize("zero_point,with_square", [(128, True), (0, True), (37, False)])
+def test_pooling_quantized_taps_reads_the_uint8_tensor_once_and_keeps_the_values(zero_point, with_square):
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, 6)).astype(np.float32) * 3
+    model = _qdq_tap_graph(zero_point, with_square)
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    branch = {"mean", "square", "mean2", "sqrt"}
+    assert ic.pool_quantized_taps(model, branch) == ["dq"]
+    onnx.checker.check_model(model)
+    got = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 1 and casts[0].input[0] == "q"
+    # the network still reads the dequantized tensor; the branch no longer does
+    readers = {n.name for n in model.graph.node if "t" in n.input}
+    assert readers == {"net"}
+
+
+def test_pooling_quantized_taps_leaves_other_patterns_alone():
+    model = _qdq_tap_graph(128)
+    before = model.SerializeToString()
+    # the only branch consumer named is the Conv: no pooling pattern, nothing to rewrite
+    assert ic.pool_quantized_taps(model, {"net"}) == []
+    assert model.SerializeToString() == before
