@@ -14,7 +14,8 @@ Load once, classify many times; the CLI runs the very same engine, so results ar
     hot = maps[clf.classes.index(p.label)]        # where the evidence for the label is
 
 Every result carries the input check (``qc``, ``qc_score``, ``qc_detail``; docs/input-check.md):
-a prediction whose ``qc`` is ``not_chest_xray`` or ``not_frontal`` is no diagnosis
+a flagged prediction (``qc`` ``not_chest_xray``, ``not_frontal``, or ``unfamiliar`` unless the
+classifier was made with ``show_unfamiliar=True``) is no diagnosis
 (``prediction.diagnosis_withheld``), whatever its label says.
 """
 
@@ -39,8 +40,9 @@ class Classifier:
     """A loaded cxr model plus the scan engine. Create with ``Classifier.load``."""
 
     def __init__(self, model: Model, batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-                 sensitivity: float | None = None):
+                 sensitivity: float | None = None, show_unfamiliar: bool = False):
         self.model = model
+        self.show_unfamiliar = show_unfamiliar
         self.batch_size = batch_size
         self.workers = workers
         # the refer/routine operating point; None (with triage_note saying why) when the model has none
@@ -59,19 +61,22 @@ class Classifier:
         batch_size: int = DEFAULT_BATCH_SIZE,
         workers: int | None = None,
         sensitivity: float | None = None,
+        show_unfamiliar: bool = False,
     ) -> "Classifier":
         """Open ``path`` (default: the shipped model, ``precision`` "fp32"/"int8" choosing which).
 
         ``device``: "cpu", "cuda" or "auto". Raises ``ModelLoadError`` when the model cannot be used.
         ``sensitivity``: triage at the highest threshold whose validation sensitivity reaches it
         (default: the model's stored point); ``TriageUnavailable`` when the model cannot.
+        ``show_unfamiliar``: predictions the input check calls ``unfamiliar`` keep their label
+        (``diagnosis_withheld`` False); by default they are withheld like every flagged one.
 
         >>> clf = Classifier.load("model.onnx", threads=2)  # doctest: +SKIP
         """
         if threads is None:
             threads = default_threads(device, workers)
         return cls(load_model(path, device=device, threads=threads, precision=precision), batch_size, workers,
-                   sensitivity)
+                   sensitivity, show_unfamiliar)
 
     @property
     def classes(self) -> list[str]:
@@ -114,7 +119,8 @@ class Classifier:
         tensor, early = self._tensor(x)
         probs, maps, scores = self.model.run_outputs(tensor[None], cam=cam)
         score = None if scores is None else float(scores[0])
-        pred = to_prediction(probs[0], self.model.classes, final_verdict(early, score, self.model.input_check), score)
+        pred = to_prediction(probs[0], self.model.classes, final_verdict(early, score, self.model.input_check), score,
+                             self.show_unfamiliar)
         pred = triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
         return pred, (maps[0] if maps is not None else None)
 
@@ -134,7 +140,8 @@ class Classifier:
         """Classify files (never skipped, never raising for bad ones): one ScanResult each, in order.
         ``heatmaps=True`` fills each classified result's ``heatmap`` (float32 [K, h, w])."""
         return list(iter_scan(self.model, [os.fspath(p) for p in paths],
-                              batch_size=self.batch_size, workers=self.workers, triage=self.triage_policy, heatmaps=heatmaps))
+                              batch_size=self.batch_size, workers=self.workers, triage=self.triage_policy, heatmaps=heatmaps,
+                              show_unfamiliar=self.show_unfamiliar))
 
     def scan(
         self, paths_or_dirs: "Iterable[str | os.PathLike[str]] | str | os.PathLike[str]",
@@ -151,4 +158,5 @@ class Classifier:
         if isinstance(paths_or_dirs, (str, os.PathLike)):
             paths_or_dirs = [paths_or_dirs]
         return iter_scan(self.model, iter_inputs(paths_or_dirs), batch_size=self.batch_size,
-                         workers=self.workers, stats=stats, triage=self.triage_policy, heatmaps=heatmaps)
+                         workers=self.workers, stats=stats, triage=self.triage_policy, heatmaps=heatmaps,
+                         show_unfamiliar=self.show_unfamiliar)

@@ -20,7 +20,7 @@ import click
 from . import __version__
 
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_NOT_CHEST_XRAY = 3  # some inputs were flagged not_chest_xray / not_frontal (input check)
+EXIT_NOT_CHEST_XRAY = 3  # some inputs were flagged by the input check and show no prediction
 FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
 
 
@@ -94,14 +94,18 @@ precision_option = click.option(
                    "activation map over it (needs a model with a 'cam' output).")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
               help="Also write an offline review page FILE.html (thumbnails in FILE_files/ beside it).")
+@click.option("--show-unfamiliar", is_flag=True, default=False,
+              help="Show the prediction of rows the input check calls 'unfamiliar' (unlike the training X-rays; "
+                   "possibly not a chest). Default: withheld like every flagged row.")
 @click.pass_context
 def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity,
-         heatmaps_dir=None, html_path=None):
+         heatmaps_dir=None, html_path=None, show_unfamiliar=False):
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
     report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error;
-    3: some inputs are not frontal chest X-rays (input check; no prediction shown for them).
+    3: the input check flagged some inputs (not a frontal chest X-ray, or unlike the training
+    X-rays) and no prediction is shown for them.
     """
     from .engine import ScanStats, default_threads, default_workers, iter_scan
 
@@ -158,7 +162,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     try:
         for result in iter_scan(model, iter_inputs(paths), batch_size=batch_size, workers=workers, stats=stats,
                                 triage=policy, heatmaps=bool(heatmaps_dir),
-                                previews=outputs.preview_side if outputs else 0):
+                                previews=outputs.preview_side if outputs else 0, show_unfamiliar=show_unfamiliar):
             writer.write(result)
             if outputs is not None:
                 outputs.add(result)
@@ -188,7 +192,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     if report:
         rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
                           "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
-                          "qc": dict(stats.qc),
+                          "qc": dict(stats.qc), "withheld": stats.withheld,
                           "skip_reasons": dict(stats.skip_reasons),
                           "triage": {"counts": dict(stats.triage), "point": None if policy is None else {
                               "threshold": policy.threshold, "asked_sensitivity": policy.asked,
@@ -201,11 +205,9 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
             ctx.exit(EXIT_USAGE)
     if stats.interrupted:
         ctx.exit(EXIT_INTERRUPTED)
-    from .inputcheck import NO_DIAGNOSIS
-
     if stats.errors:
         ctx.exit(EXIT_SOME_ERRORS)
-    ctx.exit(EXIT_NOT_CHEST_XRAY if any(stats.qc.get(q) for q in NO_DIAGNOSIS) else EXIT_OK)
+    ctx.exit(EXIT_NOT_CHEST_XRAY if stats.withheld else EXIT_OK)
 
 
 def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .discover import Entry
 from .imageio import ImageReadError, load_image_with_facts
-from .inputcheck import NO_DIAGNOSIS, Verdict, early_verdict, final_verdict
+from .inputcheck import Verdict, early_verdict, final_verdict, withholds
 from .preprocess import Preprocessing, normalize, resize_to_uint8
 from .session import Model
 from . import triage as triage_mod
@@ -63,8 +63,9 @@ def default_threads(device: str, workers: int | None = None) -> int | None:
 @dataclass(frozen=True)
 class Prediction:
     """What the model says about one image: the top class and every class's probability, and
-    the input check's verdict on the image (``qc``, see ``inputcheck``). For ``qc`` in
-    ``not_chest_xray``/``not_frontal`` the outputs withhold ``label``: it is no diagnosis."""
+    the input check's verdict on the image (``qc``, see ``inputcheck``). For a flagged ``qc``
+    (``not_chest_xray``, ``not_frontal``, and ``unfamiliar`` unless ``show_unfamiliar``) the
+    outputs withhold ``label`` (``diagnosis_withheld``): it is no diagnosis."""
 
     label: str
     confidence: float
@@ -73,10 +74,11 @@ class Prediction:
     qc: str = "unchecked"
     qc_score: float | None = None
     qc_detail: str | None = None
+    show_unfamiliar: bool = field(default=False, compare=False)
 
     @property
     def diagnosis_withheld(self) -> bool:
-        return self.qc in NO_DIAGNOSIS
+        return withholds(self.qc, self.show_unfamiliar)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class ScanStats:
     errors: int = 0
     skipped: int = 0
     by_class: Counter = field(default_factory=Counter)  # rows that show a prediction
+    withheld: int = 0  # classified rows whose prediction is withheld (input check)
     qc: Counter = field(default_factory=Counter)  # input-check verdicts of the classified rows
     triage: Counter = field(default_factory=Counter)  # "refer"/"routine" counts
     skip_reasons: Counter = field(default_factory=Counter)
@@ -161,7 +164,9 @@ class ScanStats:
         if result.prediction is not None:
             self.ok += 1
             self.qc[result.prediction.qc] += 1
-            if not result.prediction.diagnosis_withheld:
+            if result.prediction.diagnosis_withheld:
+                self.withheld += 1
+            else:
                 self.by_class[result.prediction.label] += 1
             if result.triage:
                 self.triage[result.triage] += 1
@@ -179,7 +184,7 @@ class ScanStats:
 
 
 def to_prediction(probs: np.ndarray, classes: list[str], verdict: Verdict | None = None,
-                  score: float | None = None) -> Prediction:
+                  score: float | None = None, show_unfamiliar: bool = False) -> Prediction:
     i = int(np.argmax(probs))
     return Prediction(
         label=classes[i],
@@ -188,6 +193,7 @@ def to_prediction(probs: np.ndarray, classes: list[str], verdict: Verdict | None
         qc=verdict.qc if verdict is not None else "unchecked",
         qc_score=None if score is None else float(score),
         qc_detail=verdict.detail if verdict is not None else None,
+        show_unfamiliar=show_unfamiliar,
     )
 
 
@@ -246,6 +252,7 @@ def iter_scan(
     triage: "triage_mod.TriagePolicy | None" = None,
     heatmaps: bool = False,
     previews: int = 0,
+    show_unfamiliar: bool = False,
 ) -> Iterator[ScanResult]:
     """Yield one ScanResult per scanned entry, in input order; skip entries only update ``stats``.
 
@@ -254,6 +261,8 @@ def iter_scan(
     ``triage``: the refer/routine operating point (default: the model's stored default, if any).
     ``heatmaps=True`` fills ``ScanResult.heatmap`` (the model needs a ``cam`` output);
     ``previews=N`` fills ``ScanResult.preview``. Without them a scan costs what it always did.
+    ``show_unfamiliar=True``: rows the input check calls ``unfamiliar`` show their prediction
+    (default: withheld, like every flagged row; docs/input-check.md).
     """
     stats = stats if stats is not None else ScanStats()
     if batch_size < 1:
@@ -341,8 +350,8 @@ def iter_scan(
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
                         verdict = final_verdict(early, score, model.input_check)
-                        result = ScanResult(path, prediction=to_prediction(p, classes, verdict, score), heatmap=cam,
-                                            preview=preview)
+                        pred = to_prediction(p, classes, verdict, score, show_unfamiliar)
+                        result = ScanResult(path, prediction=pred, heatmap=cam, preview=preview)
                 result = triage_mod.apply(result, triage)
                 stats.count(result)
                 yield result

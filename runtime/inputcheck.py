@@ -28,9 +28,17 @@ import numpy as np
 OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED = (
     "ok", "unfamiliar", "not_chest_xray", "not_frontal", "unchecked")
 QC_VALUES = (OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED)
-# Rows whose prediction is withheld in every output: the model was not made for such an image.
+# Rows whose prediction is withheld whatever the caller asks: the model was not made for such an image.
 NO_DIAGNOSIS = frozenset({NOT_CHEST_XRAY, NOT_FRONTAL})
 FLAGGED = frozenset({UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL})
+# ``unfamiliar`` rows are withheld too unless the caller asks to see them (``show_unfamiliar``):
+# the score cannot tell an unusual chest film from an X-ray of another body part (both sit
+# between the two thresholds; docs/input-check.md), so such a row may not be a chest at all.
+
+
+def withholds(qc: str, show_unfamiliar: bool = False) -> bool:
+    """Whether a row with this verdict shows no prediction."""
+    return qc in NO_DIAGNOSIS or (qc == UNFAMILIAR and not show_unfamiliar)
 
 METADATA_KEY = "input_check"  # cxr.input_check
 SCORE_OUTPUT = "qc_score"

@@ -28,7 +28,7 @@ def qc_group_rates(results: Sequence[Any], groups: Sequence[str]) -> dict[str, d
         e["read"] += 1
         e["qc"][res.qc] = e["qc"].get(res.qc, 0) + 1
         e["flagged"] += res.qc in FLAGGED
-        e["withheld"] += res.qc in NO_DIAGNOSIS
+        e["withheld"] += res.prediction.diagnosis_withheld
     for e in out.values():
         e["flagged_share"] = e["flagged"] / e["read"] if e["read"] else None
         e["withheld_share"] = e["withheld"] / e["read"] if e["read"] else None

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from .csv_formula import guard_cell
 from .engine import ScanResult, ScanStats
-from .inputcheck import FLAGGED, NO_DIAGNOSIS, OK, QC_VALUES, UNCHECKED
+from .inputcheck import FLAGGED, NO_DIAGNOSIS, OK, QC_VALUES, UNCHECKED, UNFAMILIAR
 from .terminal_text import printable
 
 FORMATS = ("table", "csv", "jsonl", "json")
@@ -41,8 +41,9 @@ def columns(classes: list[str]) -> list[str]:
 def result_record(result: ScanResult, classes: list[str]) -> dict[str, Any]:
     """One output record; probabilities rounded to 6 decimals, empty (None) on error rows.
 
-    A row the input check calls ``not_chest_xray`` or ``not_frontal`` shows no prediction and no
-    confidence (it must not read as a diagnosis); its probabilities stay, as scores. The reason
+    A row the input check flags (``not_chest_xray``, ``not_frontal``; ``unfamiliar`` unless the
+    scan shows those) shows no prediction and no confidence (it must not read as a diagnosis);
+    its probabilities stay, as scores. The reason
     in words (``qc_detail``) is in the table and the Python API.
     """
     pred = result.prediction
@@ -219,9 +220,11 @@ def format_qc_summary(stats: ScanStats) -> list[str]:
     order += sorted(q for q in stats.qc if q not in order)
     counts = ", ".join(f"{stats.qc[q]} {q}" for q in order if stats.qc.get(q))
     lines = [f"  input check: {counts}"]
-    withheld = sum(stats.qc.get(q, 0) for q in NO_DIAGNOSIS)
-    if withheld:
-        lines.append(f"  {withheld} image(s) are not frontal chest X-rays: no prediction is shown for them")
+    if stats.withheld:
+        unfamiliar_withheld = stats.withheld - sum(stats.qc.get(q, 0) for q in NO_DIAGNOSIS)
+        lines.append(f"  {stats.withheld} flagged image(s) show no prediction"
+                     + (f" (--show-unfamiliar shows it for the {unfamiliar_withheld} {UNFAMILIAR})"
+                        if unfamiliar_withheld > 0 else ""))
     if stats.qc.get("unchecked"):
         lines.append("  unchecked: the model has no input check (exported before it); only DICOM-header and pixel "
                      "checks ran")

@@ -197,12 +197,18 @@ def test_every_format_carries_qc_and_withholds_no_diagnosis_rows(graded, qc_mode
     by = {Path(x["path"]).name: x for x in rows}
     assert {k: v["qc"] for k, v in by.items()} == expect
     assert by["a_mid.png"]["prediction"] == MID and float(by["a_mid.png"]["qc_score"]) < 1
-    assert by["b_unfamiliar.png"]["prediction"] != ""  # unfamiliar keeps its prediction, flagged
-    for name in ("c_white.png", "d_blank.png"):  # no diagnosis shown; probabilities stay as scores
+    for name in ("b_unfamiliar.png", "c_white.png", "d_blank.png"):  # no diagnosis; probabilities stay as scores
         assert by[name]["prediction"] == "" and by[name]["confidence"] == "" and by[name]["p_Normal"] != ""
     assert r.exit_code == EXIT_NOT_CHEST_XRAY
     assert "input check: 1 unfamiliar, 2 not_chest_xray, 1 ok" in r.stderr
-    assert "2 image(s) are not frontal chest X-rays" in r.stderr
+    assert "3 flagged image(s) show no prediction (--show-unfamiliar shows it for the 1 unfamiliar)" in r.stderr
+
+    # asked for, an unfamiliar row shows its prediction (flagged); not_chest_xray rows never do
+    r = run("scan", graded, "--model", qc_model, "--format", "csv", "--show-unfamiliar")
+    by = {Path(x["path"]).name: x for x in parse_csv(r.stdout)[1]}
+    assert by["b_unfamiliar.png"]["prediction"] != "" and by["b_unfamiliar.png"]["qc"] == "unfamiliar"
+    assert by["c_white.png"]["prediction"] == "" and by["d_blank.png"]["prediction"] == ""
+    assert r.exit_code == EXIT_NOT_CHEST_XRAY and "2 flagged image(s) show no prediction\n" in r.stderr
 
     for fmt in ("jsonl", "json"):
         out = run("scan", graded, "--model", qc_model, "--format", fmt).stdout
@@ -223,18 +229,23 @@ def test_report_summary_and_api_carry_qc(graded, qc_model, tmp_path):
     rep = tmp_path / "rep.json"
     run("scan", graded, "--model", qc_model, "-o", tmp_path / "o.csv", "--report", rep)
     s = json.loads(rep.read_text())["summary"]
-    assert s["qc"] == {"ok": 1, "unfamiliar": 1, "not_chest_xray": 2}
-    assert s["by_class"][MID] == 2 and sum(s["by_class"].values()) == 2  # withheld rows are not counted
+    assert s["qc"] == {"ok": 1, "unfamiliar": 1, "not_chest_xray": 2} and s["withheld"] == 3
+    assert s["by_class"][MID] == 1 and sum(s["by_class"].values()) == 1  # withheld rows are not counted
     clf = Classifier.load(qc_model)
     p = clf.classify(graded / "c_white.png")
     assert p.label == BRIGHT and p.qc == "not_chest_xray" and p.diagnosis_withheld
+    assert clf.classify(graded / "b_unfamiliar.png").diagnosis_withheld
+    shown = Classifier.load(qc_model, show_unfamiliar=True)
+    assert not shown.classify(graded / "b_unfamiliar.png").diagnosis_withheld
+    assert shown.classify(graded / "c_white.png").diagnosis_withheld
+    assert [r.prediction.diagnosis_withheld for r in shown.scan(graded)] == [False, False, True, True]
     assert clf.classify(np.full((40, 40, 3), (200, 30, 30), np.uint8)).qc == "not_chest_xray"  # colour array
     assert clf.classify(Image.fromarray(shaded(64, 64, 128))).qc == "ok"
     results = list(clf.scan(graded))
     assert [r.qc for r in results] == ["ok", "unfamiliar", "not_chest_xray", "not_chest_xray"]
 
 
-def test_errors_win_over_flags_and_unfamiliar_keeps_exit_0(graded, qc_model, tmp_path):
+def test_errors_win_over_flags_and_a_shown_unfamiliar_row_exits_0(graded, qc_model, tmp_path):
     (graded / "broken.png").write_bytes(b"")
     assert run("scan", graded, "--model", qc_model).exit_code == 1
     d = tmp_path / "fine"
@@ -242,7 +253,9 @@ def test_errors_win_over_flags_and_unfamiliar_keeps_exit_0(graded, qc_model, tmp
     gray(d / "a.png", 128)
     gray(d / "b.png", 85)
     r = run("scan", d, "--model", qc_model)
-    assert r.exit_code == 0 and "1 unfamiliar, 1 ok" in r.stderr
+    assert r.exit_code == EXIT_NOT_CHEST_XRAY and "1 unfamiliar, 1 ok" in r.stderr  # withheld: not every file answered
+    r = run("scan", d, "--model", qc_model, "--show-unfamiliar")
+    assert r.exit_code == 0 and "1 unfamiliar, 1 ok" in r.stderr and "show no prediction" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- bench --not-xray
@@ -293,8 +306,10 @@ def test_review_page_row_shows_no_class_for_a_withheld_diagnosis():
     from cxr.runtime.review_page import page_row
 
     probs = {"COVID": 0.9, "Normal": 0.1}
-    shown = page_row(0, ScanResult("a.png", Prediction("COVID", 0.9, probs, qc="unfamiliar")), ["COVID", "Normal"], "a", {})
+    shown = page_row(0, ScanResult("a.png", Prediction("COVID", 0.9, probs, qc="unfamiliar", show_unfamiliar=True)),
+                     ["COVID", "Normal"], "a", {})
     hidden = page_row(1, ScanResult("b.png", Prediction("COVID", 0.9, probs, qc="not_chest_xray")),
                       ["COVID", "Normal"], "b", {})
-    assert shown["l"] == "COVID" and shown["q"] == "unfamiliar"
+    by_default = page_row(2, ScanResult("c.png", Prediction("COVID", 0.9, probs, qc="unfamiliar")), ["COVID", "Normal"], "c", {})
+    assert shown["l"] == "COVID" and shown["q"] == "unfamiliar" and by_default["l"] == ""
     assert hidden["l"] == "" and hidden["q"] == "not_chest_xray" and "input check: not_chest_xray" in hidden["f"]
