@@ -6,7 +6,9 @@ docs/input-check.md). Earlier layers keep texture and intensity statistics that 
 kinds of image. So the score reads several depths: for every *stage* of the network's trunk (a
 run of blocks with the same output shape; its last block's output is tapped) and the input of
 the final linear layer where that is not simply the last stage pooled, each image gives a vector
-of per-channel spatial means and standard deviations. For each depth the training split's vectors
+of per-channel spatial means and root mean squares. Pooling discards where things are, so one more
+"depth" is the input's coarse layout (``layout``: an 8 x 8 grid of block means, standardised per
+image). For each depth the training split's vectors
 give a Gaussian model whose covariance is that of probabilistic PCA -- the top ``k`` principal
 components kept, the other directions sharing their average variance -- so the Mahalanobis
 distance is well defined with a few thousand images and a few thousand dimensions, and the file
@@ -14,7 +16,7 @@ grows by the ``D x k`` projection only. Each depth's squared distance is standar
 mean and standard deviation over the training split, and the score is the mean over depths
 (higher = less like the training X-rays). Nothing here is fitted on non-X-rays.
 
-Everything after the taps is plain tensor arithmetic (mean, subtract, multiply, matmul, sum), so
+Everything after the taps is plain tensor arithmetic (pool, mean, subtract, multiply, matmul), so
 it exports as ordinary ONNX ops: the runtime computes the score without torch.
 """
 
@@ -33,11 +35,13 @@ from cxr.runtime.preprocess import Preprocessing, normalize, resize_to_uint8
 
 from .data import log
 
-METHOD = "ppca-mahalanobis-multidepth/1"
+METHOD = "ppca-mahalanobis-multidepth/2"  # 2: channel RMS (not sd), stages <= 28 px, the input layout
 DEFAULT_COMPONENTS = 64
 SD_FLOOR = 1e-2  # feature sd floor, as a fraction of the tap's mean feature sd (dead channels)
-MEANS_ONLY_ABOVE = 28  # px: larger maps give channel means only (cost; see pooled)
+LARGEST_TAPPED_MAP = 28  # px: stages with larger maps are not read (cost; see find_taps)
 RESIDUAL_FLOOR = 1e-2  # variance floor of the left-out directions, as a fraction of the mean eigenvalue
+LAYOUT_GRID = 8  # the input's layout: averaged over LAYOUT_GRID x LAYOUT_GRID blocks
+LAYOUT_EPS = 1.0 / 64  # added to each image's layout sd, in model-input units (about 1 gray level at std 0.25)
 
 
 # --------------------------------------------------------------------------- where to look
@@ -46,9 +50,9 @@ RESIDUAL_FLOOR = 1e-2  # variance floor of the left-out directions, as a fractio
 class Tap:
     name: str  # module path, e.g. "features.6"
     module: object
-    kind: str  # "stage": pooled statistics of a 4-D output; "head": input of the final Linear
+    kind: str  # "stage": pooled statistics of a 4-D output; "head": input of the final Linear; "layout": the input
     dim: int = 0
-    with_rms: bool = True  # stage taps: channel root mean squares after the means
+    block: tuple[int, int] = (0, 0)  # layout: pixels per grid block (fixed by the input size, not traced)
 
 
 def _trunk(model) -> list[tuple[str, object]]:
@@ -80,8 +84,15 @@ def find_taps(model, input_shape: tuple[int, int, int]) -> list[Tap]:
     """The last module of every run of trunk modules with the same output shape (a *stage*),
     except the stem (the first stage: one convolution of the raw pixels, which the runtime's
     pixel checks cover), plus the final Linear's input when its width is not the last stage's
-    channel count (then it is only that stage pooled, already covered). Stages whose maps are
-    larger than MEANS_ONLY_ABOVE px give their channel means only."""
+    channel count (then it is only that stage pooled, already covered), plus the input's layout
+    (``layout``) when the input has at least LAYOUT_GRID pixels a side.
+
+    Stages whose maps are larger than LARGEST_TAPPED_MAP px a side are left out (the last stage is
+    kept if every one is larger): pooling costs a few passes over a map, and on MobileNetV2-224 the
+    112 px and 56 px maps (``features.1``, ``features.3``) held three fifths of the tapped values
+    while the score's branch runs as a chain of small nodes that two cores hardly share. With the
+    layout in the score, leaving them out also flagged no fewer non-X-rays on the development
+    folder (docs/input-check.md)."""
     import torch
 
     trunk = _trunk(model)
@@ -98,7 +109,7 @@ def find_taps(model, input_shape: tuple[int, int, int]) -> list[Tap]:
     finally:
         for h in hooks:
             h.remove()
-    taps = []
+    taps, sizes = [], []
     names = [n for n, _ in trunk if n in shapes]
     mods = dict(trunk)
     for i, n in enumerate(names):
@@ -107,37 +118,56 @@ def find_taps(model, input_shape: tuple[int, int, int]) -> list[Tap]:
             continue
         if i + 1 < len(names) and shapes[names[i + 1]] == shape:
             continue  # not the end of its stage
-        full = shape[1] * shape[2] <= MEANS_ONLY_ABOVE ** 2
-        taps.append(Tap(n, mods[n], "stage", (2 if full else 1) * shape[0], full))
+        taps.append(Tap(n, mods[n], "stage", 2 * shape[0]))
+        sizes.append(shape[1] * shape[2])
     if len(taps) > 1:
-        taps = taps[1:]  # the stem
+        taps, sizes = taps[1:], sizes[1:]  # the stem
     if not taps:
         raise ValueError("no 4-D trunk output found for the input check")
-    last_channels = taps[-1].dim // (2 if taps[-1].with_rms else 1)
+    taps = [t for t, hw in zip(taps, sizes) if hw <= LARGEST_TAPPED_MAP ** 2] or taps[-1:]
+    last_channels = taps[-1].dim // 2
     if head is not None and head_dim and head_dim[0] != last_channels:
         taps.append(Tap(head[0], head[1], "head", int(head_dim[0])))
+    if min(input_shape[1:]) >= LAYOUT_GRID:
+        block = (input_shape[1] // LAYOUT_GRID, input_shape[2] // LAYOUT_GRID)
+        taps.append(Tap("input.layout", None, "layout", LAYOUT_GRID * LAYOUT_GRID, block))
     return taps
 
 
-def pooled(t, with_rms: bool = True):
-    """[N, C, H, W] -> [N, 2C]: per-channel spatial mean, then root mean square ([N, C]: means
-    only); [N, D] as is.
+def layout(image, block: tuple[int, int], grid: int = LAYOUT_GRID):
+    """[N, C, H, W] model input -> [N, grid x grid]: the image (channels averaged) averaged over a
+    grid of ``block``-pixel blocks (a remainder of rows or columns is left out), each image
+    standardised by its own mean and standard deviation. ``block`` comes from the model's fixed
+    input size (``find_taps``), not from the traced tensor, so every exporter sees constants.
+
+    Why: the network's pooled statistics discard where things are, and an X-ray of a hand or a
+    washed-out chest film look alike to them (both sit between the two thresholds). A frontal
+    chest radiograph has a stereotyped coarse layout -- two dark lung fields either side of a
+    bright mediastinum, bright below the diaphragm -- whatever the machine's contrast, which the
+    per-image standardisation removes."""
+    import torch
+
+    x = image if image.shape[1] == 1 else image.mean(dim=1, keepdim=True)
+    t = torch.nn.functional.avg_pool2d(x, block, block)[:, :, :grid, :grid].flatten(1)
+    c = t - t.mean(dim=1, keepdim=True)
+    # a Reciprocal and a Mul: the graph's only Div stays the temperature
+    return c * torch.reciprocal(torch.sqrt((c * c).mean(dim=1, keepdim=True)) + LAYOUT_EPS)
+
+
+def pooled(t):
+    """[N, C, H, W] -> [N, 2C]: per-channel spatial mean, then root mean square; [N, D] as is.
 
     The second statistic is the root mean square, not the standard deviation: given the mean they
     carry the same information (sd^2 = rms^2 - mean^2), but the RMS is two passes over the map
     (square, average), where the sd took three (subtract the mean, square, average) plus a square
     root of a difference that rounding can make negative. (ONNX ``ReduceL2`` would be one pass,
     but onnxruntime's symbolic shape inference, which int8 quantization runs first, cannot infer
-    its output shape when the axes are an input, as from opset 18.) Large maps give means only:
-    MobileNetV2-224's 112 px and 56 px maps hold most of the tapped values. (A strided sub-grid
-    was tried instead: onnxruntime's strided Slice cost more than it saved.)"""
+    its output shape when the axes are an input, as from opset 18.)"""
     import torch
 
     if t.dim() == 2:
         return t
     m = t.mean(dim=(2, 3))
-    if not with_rms:
-        return m
     return torch.cat([m, torch.sqrt((t * t).mean(dim=(2, 3)))], dim=1)
 
 
@@ -150,14 +180,19 @@ class TapRecorder:
         self.values: list = [None] * len(self.taps)
         self._hooks = []
         for i, t in enumerate(self.taps):
+            if t.kind == "layout":
+                continue  # read from the input in take()
             if t.kind == "head":
                 self._hooks.append(t.module.register_forward_pre_hook(
                     lambda mod, inp, i=i: self.values.__setitem__(i, pooled(inp[0]))))
             else:
                 self._hooks.append(t.module.register_forward_hook(
-                    lambda mod, inp, out, i=i, s=t.with_rms: self.values.__setitem__(i, pooled(out, s))))
+                    lambda mod, inp, out, i=i: self.values.__setitem__(i, pooled(out))))
 
-    def take(self) -> list:
+    def take(self, image) -> list:
+        for i, t in enumerate(self.taps):
+            if t.kind == "layout":
+                self.values[i] = layout(image, t.block)
         vals, self.values = self.values, [None] * len(self.taps)
         if any(v is None for v in vals):
             raise RuntimeError("an input-check tap did not fire")
@@ -309,7 +344,7 @@ class ScoreOutput:
 
             def forward(self, image: torch.Tensor):
                 out = self.base(image)
-                score = self.qc(self.recorder.take())
+                score = self.qc(self.recorder.take(image))
                 return (*out, score) if isinstance(out, tuple) else (out, score)
 
         self.module = WithScore().eval()
@@ -373,7 +408,7 @@ class _TapsOnly:
 
             def forward(self, image):
                 self.net(image)
-                return tuple(self.recorder.take())
+                return tuple(self.recorder.take(image))
 
         return TapsOnly().eval()
 

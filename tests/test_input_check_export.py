@@ -221,13 +221,34 @@ def test_taps_are_stage_ends_plus_a_distinct_head():
     from cxr.train.models import build_model
 
     taps = ic.find_taps(build_model("mobilenet_v2", num_classes=3, input_size=224), (1, 224, 224))
-    # features.0 (the stem) is left out; features.1's 112 px and features.3's 56 px maps give means only
-    assert [t.name for t in taps] == ["features.1", "features.3", "features.6", "features.10",
-                                      "features.13", "features.16", "features.17", "features.18"]
-    assert [t.dim for t in taps[:3]] == [16, 24, 2 * 32] and not taps[1].with_rms and taps[2].with_rms
-    assert taps[-1].dim == 2 * 1280  # its pooled mean is the penultimate layer: no separate head tap
+    # features.0 (the stem) is left out, and so are features.1's 112 px and features.3's 56 px maps
+    assert [t.name for t in taps] == ["features.6", "features.10", "features.13", "features.16", "features.17",
+                                      "features.18", "input.layout"]
+    assert [t.dim for t in taps[:2]] == [2 * 32, 2 * 64]
+    assert taps[-2].dim == 2 * 1280  # its pooled mean is the penultimate layer: no separate head tap
+    assert taps[-1].kind == "layout" and taps[-1].dim == 64 and taps[-1].block == (28, 28)
     cnn = ic.find_taps(build_model("baseline_cnn", num_classes=3, input_size=32), (1, 32, 32))
-    assert cnn[-1].kind == "head" and cnn[-1].dim == 128
+    assert cnn[-2].kind == "head" and cnn[-2].dim == 128 and cnn[-1].kind == "layout"
+    # every stage's map larger than 28 px: the last stage is still read
+    big = ic.find_taps(build_model("baseline_cnn", num_classes=3, input_size=512), (1, 512, 512))
+    assert [t.kind for t in big] == ["stage", "head", "layout"]
+
+
+def test_layout_ignores_brightness_and_contrast_but_not_where_things_are():
+    rng = np.random.default_rng(0)
+    img = torch.as_tensor(rng.normal(size=(1, 1, 224, 224)).astype(np.float32)) * 0.2
+    img[:, :, :, 100:124] += 1.0  # a bright band down the middle (a mediastinum)
+    v = ic.layout(img, (28, 28))
+    assert v.shape == (1, 64)
+    np.testing.assert_allclose(v.mean().item(), 0, atol=1e-5)
+    # another machine's brightness and contrast: the same layout (up to LAYOUT_EPS)
+    np.testing.assert_allclose(ic.layout(img * 1.5 - 0.7, (28, 28)).numpy(), v.numpy(), atol=0.05)
+    np.testing.assert_allclose(ic.layout(img * 0.5 + 0.2, (28, 28)).numpy(), v.numpy(), rtol=0.1, atol=0.02)
+    # the same pixels in another place: another layout
+    assert (ic.layout(torch.rot90(img, 1, (2, 3)), (28, 28)) - v).abs().max().item() > 1.0
+    # 3 channels are averaged; a size that 8 does not divide leaves the remainder out
+    assert ic.layout(img.repeat(1, 3, 1, 1), (28, 28)).shape == (1, 64) and ic.layout(torch.nn.functional.pad(img, (0, 3, 0, 3)), (28, 28)).shape == (1, 64)
+    assert ic.layout(torch.zeros(2, 1, 230, 230), (28, 28)).abs().max().item() == 0.0  # a blank input stays finite
 
 
 def test_pooled_statistics():
@@ -236,7 +257,6 @@ def test_pooled_statistics():
     np.testing.assert_allclose(v[:, :3], t.numpy().mean(axis=(2, 3)), rtol=1e-5)
     # the second statistic is the root mean square
     np.testing.assert_allclose(v[:, 3:], np.sqrt((t.numpy() ** 2).mean(axis=(2, 3))), rtol=1e-5)
-    np.testing.assert_allclose(ic.pooled(t, with_rms=False).numpy(), v[:, :3])
 
 
 def _qdq_tap_graph(zero_point: int, with_square: bool = True) -> onnx.ModelProto:
