@@ -242,8 +242,9 @@ def metadata_entry(fitted: FittedCheck, th: dict, val_rates: dict, parity: dict,
         "precision": precision,
         "thresholds": {UNFAMILIAR: th[UNFAMILIAR], NOT_CHEST_XRAY: th[NOT_CHEST_XRAY]},
         "rule": th["rule"],
-        "score": ("mean over depths of the squared Mahalanobis distance of pooled per-channel mean and root mean square "
-                  "(probabilistic PCA covariance), each standardised by its training-split mean and sd; "
+        "score": ("mean over depths of the squared Mahalanobis distance (probabilistic PCA covariance) of the "
+                  "per-channel mean and root mean square of each stage's map and of the input's coarse layout (block "
+                  "means standardised per image), each standardised by its training-split mean and sd; "
                   "higher = less like the training X-rays"),
         "validation": {"per_source": val_rates, "per_source_percentile": th["per_source_percentile"],
                        "per_source_rank": th["per_source_rank"], "median": th["validation_median"]},
