@@ -194,6 +194,9 @@ def _pct(x) -> str:
 @click.option("--qc-atol", default=1e-3, type=click.FloatRange(min=0),
               help="fp32 qc_score parity: largest allowed |s_torch - s_onnx| is qc-atol + qc-rtol x |s_torch|.")
 @click.option("--qc-rtol", default=1e-3, type=click.FloatRange(min=0), help="See --qc-atol.")
+@click.option("--qc-int8-min-spearman", default=0.9, type=click.FloatRange(min=-1, max=1),
+              help="int8 qc_score: its rank correlation with the fp32 score on the validation images must reach "
+                   "this, or no int8 file is written (int8's own thresholds cannot repair a reordered score).")
 @click.option("--ood-dir", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of images that are not chest X-rays (<kind>/...): the report gives the input check's "
                    "flag rate per kind and AUROC on it; never used to choose anything (repeatable).")
@@ -225,7 +228,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
                calibrate: bool = True, calibration_limit: int = 0, triage_target: float = 0.98,
                with_cam: bool = True, cam_tolerance: float = 1e-3, int8_cam_tolerance: float = 0.2,
                input_check: bool = False, qc_components: int = 64, qc_train_limit: int = 0, qc_val_limit: int = 0,
-               qc_atol: float = 1e-3, qc_rtol: float = 1e-3, ood_dir: tuple[Path, ...] = ()) -> int:
+               qc_atol: float = 1e-3, qc_rtol: float = 1e-3, ood_dir: tuple[Path, ...] = (),
+               qc_int8_min_spearman: float = 0.9) -> int:
     t_start = time.perf_counter()
     if not out.name.endswith(".onnx"):
         raise ExportInputError(f"--out must end in .onnx, got {out}")
@@ -288,7 +292,7 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
     fitted = qc = None
     if input_check:
         fitted, qc = _fit_input_check(model, ckpt, man, pp, qc_components, qc_train_limit, qc_val_limit, seed,
-                                      ood_dir, qc_atol, qc_rtol, exporter, opset)
+                                      ood_dir, qc_atol, qc_rtol, exporter, opset, qc_int8_min_spearman)
 
     # ---------------------------------------------------------------- fp32 export + parity
     partial = Path(str(out) + ".partial")
@@ -502,6 +506,18 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             qc_meta = None
             if qc is not None:
                 qc_meta, report["input_check_int8"] = qc.measure_int8(sess, ev.x, ev.name)
+                why = qc.int8_refusal(qc_meta)
+                if why:
+                    del sess
+                    q["status"] = "refused"
+                    q["message"] = (f"{scheme.name} keeps the probabilities within the bound but not the input "
+                                    f"check ({why}); no int8 model written; {out.name} (fp32, parity passed) "
+                                    f"stays. Try another --int8-scheme, or --qc-int8-min-spearman")
+                    log(q["message"])
+                    if int8_out.exists():
+                        int8_out.unlink()
+                        _sibling(int8_out, ".card.md").unlink(missing_ok=True)
+                    return q["message"]
             fp32_speed = report["models"]["onnx_fp32"].get("speed")
             if bench and fp32_speed:
                 entry["speedup_vs_fp32_b1"] = round(fp32_speed["latency_ms_p50"] / entry["speed"]["latency_ms_p50"], 3)
@@ -552,7 +568,7 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
 
 
 def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, seed, ood_dirs, atol, rtol,
-                     exporter, opset):
+                     exporter, opset, int8_min_spearman=0.9):
     """(fitted check, its export steps), or (None, None) when there is no training split to fit on."""
     from .input_check_report import CheckExport
 
@@ -569,7 +585,8 @@ def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, s
     log(f"input check: fitted {len(fitted.depths)} depths on {fitted.n_train} images in {fitted.seconds:.0f}s "
         f"({', '.join(f'{t.name} {t.dim}' for t in fitted.taps)})")
     default_source = (ckpt.get("training_data") or {}).get("name") or Path(str(man.root)).name or "all"
-    return fitted, CheckExport(fitted, pp, man, default_source, val_limit, seed, ood_dirs, atol, rtol)
+    return fitted, CheckExport(fitted, pp, man, default_source, val_limit, seed, ood_dirs, atol, rtol,
+                               int8_min_spearman)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -347,8 +347,10 @@ class CheckExport:
     thresholds on the validation split, score the development folder, compare int8 with fp32."""
 
     def __init__(self, fitted: FittedCheck, pp: Preprocessing, man: Manifest, default_source: str,
-                 val_limit: int, seed: int, ood_dirs: Sequence[Path], atol: float, rtol: float):
+                 val_limit: int, seed: int, ood_dirs: Sequence[Path], atol: float, rtol: float,
+                 int8_min_spearman: float = 0.9):
         self.fitted, self.pp, self.atol, self.rtol = fitted, pp, atol, rtol
+        self.int8_min_spearman = int8_min_spearman
         log("input check: loading the validation split (it chooses the thresholds)")
         self.val = validation_set(man, pp, default_source, val_limit, seed)
         self.ood = [folder_set(Path(d), pp) for d in ood_dirs]
@@ -392,6 +394,18 @@ class CheckExport:
         self.ev_fp32 = got
         log(f"input check: fp32 score parity passed: max |d| {par['max_abs_diff']:.3g} on {par['n_images']} images")
         return self._measure(ort_score_fn(session), "fp32", par)
+
+    def int8_refusal(self, entry: dict) -> str | None:
+        """Why the int8 score is not fit to ship (``measure_int8``'s metadata entry), or None.
+
+        The bound is on the rank correlation with fp32 on validation: int8 gets its own thresholds,
+        which absorb a shift or a stretch of the score, but not a reordering (a quantized branch once
+        gave 0.68)."""
+        rho = (entry.get("int8_vs_fp32") or {}).get("spearman")
+        if rho is None or not rho >= self.int8_min_spearman:  # NaN fails too
+            return (f"qc_score rank correlation with fp32 on {entry.get('int8_vs_fp32', {}).get('n')} validation "
+                    f"images {rho:.3f} < {self.int8_min_spearman:g}" if rho is not None else "no int8 score comparison")
+        return None
 
     def measure_int8(self, session, ev_x: np.ndarray, ev_name: str) -> tuple[dict, dict]:
         """int8's own thresholds, and how far its score is from fp32's (reported, not refused)."""

@@ -311,3 +311,27 @@ def test_pooling_quantized_taps_leaves_other_patterns_alone():
     # the only branch consumer named is the Conv: no pooling pattern, nothing to rewrite
     assert ic.pool_quantized_taps(model, {"net"}) == []
     assert model.SerializeToString() == before
+
+
+def test_int8_whose_score_is_reordered_is_refused(run_two_sources, tmp_path, monkeypatch):
+    """int8 gets its own thresholds, which absorb a shifted score but not a reordered one: below
+    --qc-int8-min-spearman no int8 file is written, the fp32 file stays, and the exit says why."""
+    ckpt, _, _ = run_two_sources
+    monkeypatch.setattr(icr, "spearman", lambda a, b: 0.5)  # as a quantized score branch once measured 0.68
+    out = tmp_path / "tiny.onnx"
+    res = CliRunner().invoke(export_cli.main, [
+        str(ckpt), "--out", str(out), "--int8", "--int8-scheme", "u8s8-minmax", "--calib-count", "12",
+        "--no-bench", "--qc-components", "8"])
+    assert res.exit_code == export_cli.EXIT_INT8, res.output
+    assert "not the input check (qc_score rank correlation with fp32" in res.output and "0.500 < 0.9" in res.output
+    assert out.exists() and not out.with_name("tiny.int8.onnx").exists()
+    assert not out.with_name("tiny.int8.card.md").exists()
+
+
+def test_int8_refusal_rule():
+    check = icr.CheckExport.__new__(icr.CheckExport)
+    check.int8_min_spearman = 0.9
+    assert check.int8_refusal({"int8_vs_fp32": {"n": 10, "spearman": 0.95}}) is None
+    assert "0.850 < 0.9" in check.int8_refusal({"int8_vs_fp32": {"n": 10, "spearman": 0.85}})
+    assert check.int8_refusal({"int8_vs_fp32": {"n": 10, "spearman": float("nan")}})  # NaN is no proof
+    assert check.int8_refusal({}) == "no int8 score comparison"
