@@ -335,8 +335,9 @@ def card_lines(raw) -> list[str]:
         L.append(f"- development folder {dev['folder']} ({dev['used_for']}): AUROC {dev['auroc_score']:.4f}, with pixel "
                  f"checks {dev['auroc_with_pixel_checks']:.4f}; flagged " +
                  ", ".join(f"{k} {_pct(v)}" for k, v in _ordered(dev["flagged_per_kind"])) + ".")
-    L.append("- Lateral views: pixel statistics barely separate them from frontal ones; only a DICOM "
-             "`ViewPosition` (LL, RL, LAT, LATERAL) flags them (`not_frontal`).")
+    L.append("- Lateral views: none in the data, not measured. Pooled feature statistics barely separate them from "
+             "frontal ones (a layout depth may); only a DICOM `ViewPosition` (LL, RL, LAT, LATERAL) flags them for "
+             "sure (`not_frontal`).")
     return L
 
 
