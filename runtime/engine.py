@@ -107,13 +107,9 @@ class ScanResult:
 
     @property
     def triage(self) -> str | None:
-        """"refer"/"routine"; None on error rows and for models without operating points.
-        An input the input check flagged is always "refer"."""
-        if self.prediction is None:
-            return None
-        if triage_mod.qc_flagged(self.qc):
-            return triage_mod.REFER
-        return self.prediction.triage
+        """"refer"/"routine" as ``triage.apply`` decided it (an input the input check flagged is
+        always "refer"); None on error rows and for models without operating points."""
+        return self.prediction.triage if self.prediction is not None else None
 
     @property
     def qc(self) -> str | None:

@@ -144,20 +144,17 @@ def default_policy(info) -> tuple[TriagePolicy | None, str | None]:
 def apply(result, policy: TriagePolicy | None):
     """``result`` (a ScanResult) with its prediction's ``triage`` set; error rows unchanged.
 
-    The input check's ``qc`` is read from the result or its prediction with ``getattr``, so the
-    flagged-is-refer rule holds wherever that field lives. Flagged inputs are referred even by a
-    model without a table: a human must look at them either way.
+    The one place a scan's refer/routine decision is made: a prediction the input check flagged
+    (``prediction.qc``) is referred, even by a model without operating points -- a human must look
+    at it either way; otherwise the policy's threshold decides.
     """
-    pred = getattr(result, "prediction", None)
+    pred = result.prediction
     if pred is None:
         return result
-    qc = getattr(result, "qc", None)
-    if qc in QC_PASS:
-        qc = getattr(pred, "qc", None)
     if policy is None:
-        decision = REFER if qc_flagged(qc) else None
+        decision = REFER if qc_flagged(pred.qc) else None
     else:
-        decision = policy.decide(pred.probabilities, qc)
+        decision = policy.decide(pred.probabilities, pred.qc)
     if decision == getattr(pred, "triage", None):
         return result
     return dataclasses.replace(result, prediction=dataclasses.replace(pred, triage=decision))

@@ -8,7 +8,6 @@ an operating-point table built by those same modules.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 
@@ -176,30 +175,22 @@ def test_pick_threshold_rule_and_its_errors():
 
 # ------------------------------------------------------------------------------ the decision on results
 
-@dataclasses.dataclass(frozen=True)
-class CheckedResult(ScanResult):
-    """A scan result as the input check (issue 11) will carry it: with a ``qc`` field."""
-
-    qc: str | None = None
-
-
 def _policy(threshold=0.5):
     return triage.TriagePolicy(threshold, "Normal", 1, 0.98, 0.9, 0.3)
 
 
 def test_flagged_input_is_always_refer():
-    normal = Prediction("Normal", 0.999, {"COVID": 0.0005, "Normal": 0.999, "Viral Pneumonia": 0.0005})
-    for qc, expected in (("ok", "routine"), ("unchecked", "routine"), (None, "routine"),
-                         ("unlike the training data", "refer"), ("not a chest x-ray", "refer")):
-        r = triage.apply(CheckedResult("a.png", prediction=normal, qc=qc), _policy())
-        assert r.triage == expected, qc
+    probs = {"COVID": 0.0005, "Normal": 0.999, "Viral Pneumonia": 0.0005}
+    for qc, expected in (("ok", "routine"), ("unchecked", "routine"), ("unfamiliar", "refer"),
+                         ("not_chest_xray", "refer"), ("not_frontal", "refer"), ("a verdict from later", "refer")):
+        r = triage.apply(ScanResult("a.png", prediction=Prediction("Normal", 0.999, probs, qc=qc)), _policy())
+        assert r.triage == r.prediction.triage == expected, qc
         assert r.qc == qc  # the check's own field survives
-    # a flag set after the decision still wins when the result is read
-    decided = triage.apply(CheckedResult("a.png", prediction=normal, qc="ok"), _policy())
-    assert dataclasses.replace(decided, qc="too dark").triage == "refer"
-    # and a model without operating points still refers a flagged film (a human must look)
-    assert triage.apply(CheckedResult("a.png", prediction=normal, qc="odd"), None).triage == "refer"
-    assert triage.apply(CheckedResult("a.png", prediction=normal, qc="ok"), None).triage is None
+    # a model without operating points still refers a flagged film (a human must look)
+    odd = ScanResult("a.png", prediction=Prediction("Normal", 0.999, probs, qc="unfamiliar"))
+    assert triage.apply(odd, None).triage == "refer"
+    fine = ScanResult("a.png", prediction=Prediction("Normal", 0.999, probs, qc="ok"))
+    assert triage.apply(fine, None).triage is None
 
 
 def test_error_rows_have_no_triage_and_the_threshold_is_inclusive():
