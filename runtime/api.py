@@ -28,10 +28,11 @@ import numpy as np
 from PIL import Image
 
 from .discover import iter_inputs
-from .engine import DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, default_threads, iter_scan, to_prediction
+from .engine import (DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, default_threads, iter_scan, model_input,
+                     to_prediction)
 from .imageio import load_image_with_facts, to_gray8
-from .inputcheck import ImageFacts, Verdict, colour_spread, early_verdict, final_verdict
-from .preprocess import Preprocessing, normalize, resize_to_uint8
+from .inputcheck import ImageFacts, Verdict, colour_spread, final_verdict
+from .preprocess import Preprocessing
 from .session import Model, load_model
 from . import triage as triage_mod
 
@@ -100,8 +101,7 @@ class Classifier:
                 colour = colour_spread(Image.fromarray(arr[..., :3].astype(np.uint8) if arr.dtype != np.uint8
                                                        else np.ascontiguousarray(arr[..., :3])))
             facts = ImageFacts(arr.shape[1] if arr.ndim >= 2 else 1, arr.shape[0] if arr.ndim >= 1 else 1, colour)
-        pixels = resize_to_uint8(x, self.preprocessing)
-        return normalize(pixels, self.preprocessing), early_verdict(facts, pixels)
+        return model_input(x, facts, self.preprocessing)
 
     def classify(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> Prediction:
         """Classify one image: a file path, a PIL image (any mode) or a numpy array

@@ -211,6 +211,14 @@ def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None
     return prepare_checked(path, pp)[:4]
 
 
+def model_input(image, facts, pp: Preprocessing) -> tuple[np.ndarray, Verdict | None]:
+    """(model input tensor, the input check's header/pixel verdict or None) for a decoded image
+    and the facts gathered while decoding it: the one preprocessing a scan and the Python API
+    share."""
+    pixels = resize_to_uint8(image, pp)
+    return normalize(pixels, pp), early_verdict(facts, pixels)
+
+
 def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
     """``prepare`` plus the input check's header/pixel verdict, computed while the colour and the
     header are still at hand: (tensor, error, read_s, preprocess_s, verdict or None, preview).
@@ -223,9 +231,7 @@ def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
     t1 = time.perf_counter()
     preview = None
     try:
-        pixels = resize_to_uint8(image, pp)
-        x = normalize(pixels, pp)
-        early = early_verdict(facts, pixels)
+        x, early = model_input(image, facts, pp)
         if preview_side:
             preview = image.copy()
             preview.thumbnail((preview_side, preview_side))
