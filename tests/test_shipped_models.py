@@ -61,3 +61,33 @@ def test_shipped_models_classify_real_xrays(manifest, real_data_root):
     if {"fp32", "int8"} <= set(results):
         agree = np.mean([a == b for a, b in zip(results["fp32"], results["int8"])])
         assert agree >= 0.95
+
+
+@pytest.mark.realdata
+def test_shipped_models_withhold_a_diagnosis_for_what_is_not_a_chest_xray(manifest, real_data_root):
+    """Ten images of every kind in the development folder of non-X-rays: each flagged, none shown
+    with a class; and the same sample of real X-rays as above mostly passes the check."""
+    import os
+    from pathlib import Path
+
+    from cxr.runtime import Classifier
+    from cxr.runtime.dataset import discover_labelled, is_candidate_image
+
+    folder = Path(os.environ.get("CXR_NOT_XRAY", real_data_root.parent / "not-chest-xray"))
+    if not folder.is_dir():
+        pytest.skip(f"no folder of non-X-rays at {folder} (set CXR_NOT_XRAY)")
+    rng = random.Random(0)
+    nx = []
+    for kind in sorted(p for p in folder.iterdir() if p.is_dir()):
+        files = sorted(str(p) for p in kind.rglob("*") if p.is_file() and is_candidate_image(p.name))
+        nx += rng.sample(files, min(10, len(files)))
+    assert len(nx) >= 30
+    _, items = discover_labelled(real_data_root)
+    xr = [str(it.path) for it in random.Random(1).sample(items, 60)]
+    for precision in manifest["models"]:
+        clf = Classifier.load(precision=precision, threads=1)
+        got = clf.classify_many(nx)
+        assert all(r.ok and r.qc in ("unfamiliar", "not_chest_xray") for r in got), precision
+        assert all(r.prediction.diagnosis_withheld and r.triage == "refer" for r in got)
+        passed = [r.qc == "ok" for r in clf.classify_many(xr)]
+        assert sum(passed) >= 58, f"{precision}: {60 - sum(passed)} of 60 real X-rays flagged"
