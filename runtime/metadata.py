@@ -37,8 +37,9 @@ FORMAT = "cxr-onnx/1"
 PREFIX = "cxr."
 REQUIRED = ("format", "classes", "preprocess")
 JSON_KEYS = frozenset({"classes", "preprocess", "training_data", "metrics", "quantization", "parity"})
-# JSON-valued keys that their own features parse (calibration/triage, input check, heatmaps): a
-# model whose value is not JSON is refused here, at load time, with the others
+# JSON-valued keys whose content their own features check (calibration/triage, input check,
+# heatmaps): parsed once here (a model whose value is not JSON is refused at load time, with the
+# others), then handed to those features as parsed values
 FEATURE_JSON_KEYS = frozenset({"calibration", "operating_points", "input_check", "cam"})
 
 
@@ -121,7 +122,7 @@ def decode_props(raw: dict[str, str]) -> ModelInfo:
                 raise ModelMetadataError(f"metadata {PREFIX}{k} is not valid JSON: {exc}") from None
             except RecursionError:
                 raise ModelMetadataError(f"metadata {PREFIX}{k} is JSON nested too deeply to be real") from None
-            parsed[k] = value if k in JSON_KEYS else v  # feature keys stay strings for their parsers
+            parsed[k] = value
         else:
             parsed[k] = v
     classes = parsed.pop("classes")

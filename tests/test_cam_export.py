@@ -30,13 +30,15 @@ def cam_export(tmp_path_factory):
     out = tmp_path_factory.mktemp("camout") / "m.onnx"
     res = CliRunner().invoke(export_cli.main, [
         str(ckpt), "--out", str(out), "--int8", "--int8-scheme", "u8s8-minmax", "--calib-count", "12",
-        "--int8-max-drop", "100", "--int8-min-agreement", "0", "--bench-runs", "3", "--no-card"])
+        "--int8-max-drop", "100", "--int8-min-agreement", "0", "--bench-runs", "3", "--no-card",
+        # a 64 px net trained for seconds: its int8 input-check score is noise, and the bound would
+        # (rightly) refuse it; this test is about the maps
+        "--qc-int8-min-spearman", "-1"])
     return res, out, root
 
 
 def _meta(path: Path) -> dict:
-    extra = decode_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}).extra
-    return {**extra, "cam": json.loads(extra["cam"])}  # feature keys stay JSON strings for their parser
+    return decode_props({p.key: p.value for p in onnx.load(str(path)).metadata_props}).extra
 
 
 def _images(root: Path, n: int = 9) -> np.ndarray:
@@ -81,7 +83,7 @@ def test_cam_spatial_mean_is_the_logit(cam_export):
     assert res.exit_code == 0, res.output
     x = _images(root)
     calibration = _meta(out).get("calibration")
-    t = json.loads(calibration)["temperature"] if calibration else 1.0
+    t = calibration["temperature"] if calibration else 1.0
     # int8: the head's Gemm is quantized while the map's conv stays float, so only close
     for path, atol in ((out, 1e-5), (out.with_name("m.int8.onnx"), 1e-2)):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
