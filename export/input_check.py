@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from cxr.runtime.imageio import ImageReadError, load_image
-from cxr.runtime.inputcheck import SCORE_OUTPUT
+from cxr.runtime.inputcheck import SCORE_OUTPUT, layout_u8
 from cxr.runtime.preprocess import Preprocessing, normalize, resize_to_uint8
 
 from .data import log
@@ -40,6 +40,7 @@ DEFAULT_COMPONENTS = 64
 SD_FLOOR = 1e-2  # feature sd floor, as a fraction of the tap's mean feature sd (dead channels)
 LARGEST_TAPPED_MAP = 28  # px: stages with larger maps are not read (cost; see find_taps)
 RESIDUAL_FLOOR = 1e-2  # variance floor of the left-out directions, as a fraction of the mean eigenvalue
+LAYOUT_AGREEMENT_MIN = 0.5  # median correlation of training films with their mean layout, for an orientation check
 LAYOUT_GRID = 8  # the input's layout: averaged over LAYOUT_GRID x LAYOUT_GRID blocks
 LAYOUT_EPS = 1.0 / 64  # added to each image's layout sd, in model-input units (about 1 gray level at std 0.25)
 
@@ -422,6 +423,7 @@ class FittedCheck:
     seconds: float
     components: int
     info: dict = field(default_factory=dict)
+    layout_template: np.ndarray | None = None  # the training films' mean layout (runtime's orientation check)
 
     def describe(self) -> dict:
         return {"method": METHOD, "output": SCORE_OUTPUT, "components": self.components,
@@ -450,6 +452,7 @@ def fit(model, pp: Preprocessing, train_items: Sequence[tuple[Path, str]], compo
     names = tuple(f"tap{i}" for i in range(len(taps)))
     taps_only = _TapsOnly(model, taps)
     chunks: list[list[np.ndarray]] = [[] for _ in taps]
+    layouts: list[np.ndarray] = []
     n = 0
     with tempfile.TemporaryDirectory(prefix="cxr-qc-", dir=workdir) as tmp:
         path = Path(tmp) / "taps.onnx"
@@ -461,9 +464,10 @@ def fit(model, pp: Preprocessing, train_items: Sequence[tuple[Path, str]], compo
         so.log_severity_level = 3
         sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         input_name = sess.get_inputs()[0].name
-        for x, idx, _, _ in iter_batches(train_items, pp, batch):
+        for x, idx, u8, _ in iter_batches(train_items, pp, batch, keep_uint8=True):
             for c, v in zip(chunks, sess.run(list(names), {input_name: x})):
                 c.append(np.asarray(v, np.float64))
+            layouts += [layout_u8(img, LAYOUT_GRID) for img in u8]
             n += len(idx)
             if n % (batch * 50) < batch:
                 log(f"  input check: pooled {n}/{len(train_items)} training images")
@@ -471,7 +475,28 @@ def fit(model, pp: Preprocessing, train_items: Sequence[tuple[Path, str]], compo
         raise ValueError(f"the input check needs at least 3 readable training images, got {n}")
     depths = [fit_depth(t.name, np.concatenate(c), components) for t, c in zip(taps, chunks)]
     head = build_head(depths)
-    return FittedCheck(taps, depths, head, n, time.perf_counter() - t0, components)
+    template, info = layout_template(layouts) if pp.size >= LAYOUT_GRID else (None, {})
+    return FittedCheck(taps, depths, head, n, time.perf_counter() - t0, components, info=info,
+                       layout_template=template)
+
+
+def layout_template(layouts: Sequence[np.ndarray]) -> tuple[np.ndarray | None, dict]:
+    """(the training films' mean layout, or None, and why): the orientation check rests on the
+    premise that the training films share a layout -- chest films do, the median one correlating
+    about 0.74 with the mean -- so it is only built when the median correlation reaches
+    LAYOUT_AGREEMENT_MIN (random or mixed training images give a mean of noise)."""
+    from cxr.runtime.inputcheck import layout_correlation
+
+    if not layouts:
+        return None, {}
+    template = np.mean(np.stack(layouts), axis=0)
+    agreement = float(np.median([layout_correlation(v, template) for v in layouts]))
+    info = {"layout_agreement": round(agreement, 4)}
+    if agreement < LAYOUT_AGREEMENT_MIN:
+        log(f"input check: the training images share no layout (median correlation {agreement:.2f} < "
+            f"{LAYOUT_AGREEMENT_MIN:g} with their mean): no orientation check")
+        return None, info
+    return template, info
 
 
 def ancestors(model_proto, outputs: Iterable[str]) -> set[int]:

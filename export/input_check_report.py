@@ -24,6 +24,7 @@ from .input_check import METHOD, FittedCheck, iter_batches
 
 UNFAMILIAR_QUANTILE = 99.0  # per validation source
 UNFAMILIAR_CONFIDENCE = 0.95  # that the threshold is at or above that percentile
+ORIENTATION_QUANTILE = 99.75  # per validation source: the orientation check's budget is a quarter of a percent
 NOT_CXR_FACTOR = 2.0  # not_chest_xray: this many times as far above the validation median
 
 
@@ -165,6 +166,35 @@ def thresholds(scores: np.ndarray, sources: Sequence[str], quantile: float = UNF
             "per_source_rank": ranks}
 
 
+def orientation_entry(template: np.ndarray, val: CheckSet, ood: CheckSet | None = None,
+                      quantile: float = ORIENTATION_QUANTILE) -> dict:
+    """The runtime's orientation check (``inputcheck.OrientationCheck``): the training films' mean
+    layout and the margin, chosen on validation films only -- the largest over sources of each
+    source's ``quantile``-th percentile of (best mistake's correlation - correlation as it is),
+    floored at 0 -- and how often it flags each validation source (and the development folder)."""
+    from cxr.runtime.inputcheck import OrientationCheck
+
+    probe = OrientationCheck(np.asarray(template, np.float32), 0.0)
+
+    def gaps(cs: CheckSet) -> np.ndarray:
+        return np.array([best - as_is for as_is, _, best in (probe.scores(img) for img in cs.u8)])
+
+    g_val, src = gaps(val), np.asarray(val.groups)
+    per = {s: float(np.percentile(g_val[src == s], quantile, method="inverted_cdf")) for s in sorted(set(val.groups))}
+    margin = max(0.0, max(per.values()))
+    flagged = {s: float((g_val[src == s] > margin).mean()) for s in per}
+    entry = {"grid": int(template.shape[0]), "template": [round(float(v), 5) for v in np.ravel(template)],
+             "margin": margin, "validation_flagged": flagged, "per_source_percentile": per,
+             "rule": (f"misoriented when the training films' mean {template.shape[0]}x{template.shape[0]} layout "
+                      "correlates better with the film inverted, turned upside down or on its side than as it is, "
+                      f"by more than the margin: the largest over validation sources of each source's {quantile:g}th "
+                      "percentile of that difference")}
+    if ood is not None:
+        g_ood, kinds = gaps(ood), np.asarray(ood.groups)
+        entry["development_set_flagged"] = {k: float((g_ood[kinds == k] > margin).mean()) for k in sorted(set(ood.groups))}
+    return entry
+
+
 def verdicts(scores: np.ndarray, early: Sequence[Verdict | None], th: dict) -> np.ndarray:
     """Per image 0 ok, 1 unfamiliar, 2 not_chest_xray (or a header/pixel objection)."""
     s = np.asarray(scores, np.float64)
@@ -235,7 +265,7 @@ def int8_agreement(val: CheckSet, s32: np.ndarray, th32: dict, s8: np.ndarray, t
 # --------------------------------------------------------------------------- metadata, report, card
 
 def metadata_entry(fitted: FittedCheck, th: dict, val_rates: dict, parity: dict, precision: str,
-                   dev: dict | None = None, int8: dict | None = None) -> dict:
+                   dev: dict | None = None, int8: dict | None = None, orientation: dict | None = None) -> dict:
     """``cxr.input_check``: what the runtime needs (thresholds, output) and how it was made."""
     entry = {
         **fitted.describe(),
@@ -249,11 +279,14 @@ def metadata_entry(fitted: FittedCheck, th: dict, val_rates: dict, parity: dict,
         "validation": {"per_source": val_rates, "per_source_percentile": th["per_source_percentile"],
                        "per_source_rank": th["per_source_rank"], "median": th["validation_median"]},
         "parity": parity,
-        "runtime_checks": "DICOM header (Modality, BodyPartExamined, ViewPosition) and pixel checks (blank, "
-                          "noise, colour, aspect ratio) run in the runtime before the score; see docs/input-check.md",
+        "runtime_checks": "DICOM header (Modality, BodyPartExamined, ViewPosition), pixel checks (blank, "
+                          "noise, colour, aspect ratio) and the orientation check run in the runtime before the score; "
+                          "see docs/input-check.md",
     }
     if int8:
         entry["int8_vs_fp32"] = int8
+    if orientation:
+        entry["orientation"] = orientation
     if dev:
         entry["development_set"] = {"folder": dev["folder"], "auroc_score": dev["auroc_score"],
                                     "auroc_with_pixel_checks": dev["auroc_with_pixel_checks"],
@@ -310,6 +343,14 @@ def card_lines(raw) -> list[str]:
          f"- `unfamiliar` above {th.get(UNFAMILIAR, float('nan')):.4g}, `not_chest_xray` above "
          f"{th.get(NOT_CHEST_XRAY, float('nan')):.4g}. Rule: {qc.get('rule', '-')}.",
          f"- {qc.get('runtime_checks', '')}."]
+    ori = qc.get("orientation")
+    if ori:
+        L.append(f"- `misoriented` (inverted, upside down, on its side; checked in the runtime): {ori.get('rule', '-')}; "
+                 f"margin {ori.get('margin', float('nan')):.3f}; validation flagged "
+                 + ", ".join(f"{s} {_pct(r)}" for s, r in (ori.get("validation_flagged") or {}).items())
+                 + ("; development folder flagged " + ", ".join(
+                     f"{k} {_pct(r)}" for k, r in ori["development_set_flagged"].items())
+                    if ori.get("development_set_flagged") else "") + ".")
     rates = (qc.get("validation") or {}).get("per_source") or {}
     if rates:
         L += ["", "| validation source | images | flagged | by the score | by pixel checks |", "|---|---|---|---|---|"]
@@ -359,6 +400,14 @@ class CheckExport:
             self.ood = [CheckSet(", ".join(o.name for o in self.ood), np.concatenate([o.u8 for o in self.ood]),
                                  [g for o in self.ood for g in o.groups], [e for o in self.ood for e in o.early])]
         self.fp32_val: dict = {}
+        self.orientation = None
+        if fitted.layout_template is not None:
+            self.orientation = orientation_entry(fitted.layout_template, self.val, self.ood[0] if self.ood else None)
+            log(f"input check: orientation margin {self.orientation['margin']:.3f}; validation flagged "
+                + ", ".join(f"{s} {_pct(r)}" for s, r in self.orientation["validation_flagged"].items())
+                + ("; development folder flagged " + ", ".join(
+                    f"{k} {_pct(r)}" for k, r in self.orientation["development_set_flagged"].items())
+                   if "development_set_flagged" in self.orientation else ""))
 
     def _measure(self, fn, precision: str, parity: dict, int8: dict | None = None) -> tuple[dict, dict]:
         """(metadata entry, report entry) for one model whose score function is ``fn``."""
@@ -373,7 +422,7 @@ class CheckExport:
             self.fp32_val = {"val": s_val, "th": th}
         elif int8 is not None:
             int8.update(int8_agreement(self.val, self.fp32_val["val"], self.fp32_val["th"], s_val, th))
-        entry = metadata_entry(self.fitted, th, rates, parity, precision, dev, int8)
+        entry = metadata_entry(self.fitted, th, rates, parity, precision, dev, int8, self.orientation)
         report = {**entry, "development_set_full": dev}
         for line in text_lines(entry):
             log(line.strip())

@@ -101,7 +101,8 @@ class Classifier:
                 colour = colour_spread(Image.fromarray(arr[..., :3].astype(np.uint8) if arr.dtype != np.uint8
                                                        else np.ascontiguousarray(arr[..., :3])))
             facts = ImageFacts(arr.shape[1] if arr.ndim >= 2 else 1, arr.shape[0] if arr.ndim >= 1 else 1, colour)
-        return model_input(x, facts, self.preprocessing)
+        check = self.model.input_check
+        return model_input(x, facts, self.preprocessing, check.orientation if check is not None else None)
 
     def classify(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> Prediction:
         """Classify one image: a file path, a PIL image (any mode) or a numpy array

@@ -211,15 +211,15 @@ def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None
     return prepare_checked(path, pp)[:4]
 
 
-def model_input(image, facts, pp: Preprocessing) -> tuple[np.ndarray, Verdict | None]:
-    """(model input tensor, the input check's header/pixel verdict or None) for a decoded image
-    and the facts gathered while decoding it: the one preprocessing a scan and the Python API
-    share."""
+def model_input(image, facts, pp: Preprocessing, orientation=None) -> tuple[np.ndarray, Verdict | None]:
+    """(model input tensor, the input check's header/pixel/orientation verdict or None) for a
+    decoded image and the facts gathered while decoding it: the one preprocessing a scan and the
+    Python API share. ``orientation``: the model's ``OrientationCheck``, if it has one."""
     pixels = resize_to_uint8(image, pp)
-    return normalize(pixels, pp), early_verdict(facts, pixels)
+    return normalize(pixels, pp), early_verdict(facts, pixels, orientation)
 
 
-def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
+def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0, orientation=None):
     """``prepare`` plus the input check's header/pixel verdict, computed while the colour and the
     header are still at hand: (tensor, error, read_s, preprocess_s, verdict or None, preview).
     ``preview_side`` > 0 also keeps the decoded image shrunk to at most that many pixels."""
@@ -231,7 +231,7 @@ def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
     t1 = time.perf_counter()
     preview = None
     try:
-        x, early = model_input(image, facts, pp)
+        x, early = model_input(image, facts, pp, orientation)
         if preview_side:
             preview = image.copy()
             preview.thumbnail((preview_side, preview_side))
@@ -277,6 +277,7 @@ def iter_scan(
     workers = workers or default_workers(model.runs_on)
     prefetch = max(2 * batch_size, batch_size + 2 * workers)
     pp, classes = model.info.preprocess, model.classes
+    orientation = model.input_check.orientation if model.input_check is not None else None
     if triage is None:
         triage = triage_mod.default_policy(model.info)[0]
     source = iter(entries)
@@ -299,7 +300,7 @@ def iter_scan(
             elif entry.error is not None:
                 pending.append((entry, None))
             else:
-                pending.append((entry, pool.submit(prepare_checked, entry.path, pp, previews)))
+                pending.append((entry, pool.submit(prepare_checked, entry.path, pp, previews, orientation)))
 
     # The first batch holds one image, so the first result comes as soon as one image is decoded
     # (not after a whole batch is decoded and inferred); every later batch is full.

@@ -6,15 +6,16 @@ verdict, from three layers, cheapest and surest first:
 
 1. the DICOM header, where there is one (``Modality``, ``BodyPartExamined``, ``ViewPosition``);
 2. pixel checks that features cannot make: blank or near-constant images, white noise, colour
-   images, extreme aspect ratios;
+   images, extreme aspect ratios; and, with the model's template of the training films' coarse
+   layout, films that are inverted, upside down or on their side;
 3. the model's own ``qc_score`` graph output (a distance to the training data's feature
    statistics, computed by cxr-export) against the two thresholds the export stored in the
    ``cxr.input_check`` metadata.
 
-Verdicts (``qc``): ``ok``; ``unfamiliar`` (a chest X-ray unlike the training data: the
-prediction is shown but less reliable); ``not_chest_xray`` and ``not_frontal`` (no diagnosis is
-shown); ``unchecked`` (a model exported before the check: no score to judge by, only the header
-and pixel checks ran). numpy only: this runs on the workstation. See docs/input-check.md.
+Verdicts (``qc``): ``ok``; ``unfamiliar`` (unlike the training X-rays: the prediction is withheld
+unless the caller asks to see it); ``not_chest_xray``, ``not_frontal`` and ``misoriented`` (no
+diagnosis is shown); ``unchecked`` (a model exported before the check: no score to judge by, only
+the header and pixel checks ran). numpy only: this runs on the workstation. See docs/input-check.md.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED = (
-    "ok", "unfamiliar", "not_chest_xray", "not_frontal", "unchecked")
-QC_VALUES = (OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, UNCHECKED)
+OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, MISORIENTED, UNCHECKED = (
+    "ok", "unfamiliar", "not_chest_xray", "not_frontal", "misoriented", "unchecked")
+QC_VALUES = (OK, UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, MISORIENTED, UNCHECKED)
 # Rows whose prediction is withheld whatever the caller asks: the model was not made for such an image.
-NO_DIAGNOSIS = frozenset({NOT_CHEST_XRAY, NOT_FRONTAL})
-FLAGGED = frozenset({UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL})
+NO_DIAGNOSIS = frozenset({NOT_CHEST_XRAY, NOT_FRONTAL, MISORIENTED})
+FLAGGED = frozenset({UNFAMILIAR, NOT_CHEST_XRAY, NOT_FRONTAL, MISORIENTED})
 # ``unfamiliar`` rows are withheld too unless the caller asks to see them (``show_unfamiliar``):
 # the score cannot tell an unusual chest film from an X-ray of another body part (both sit
 # between the two thresholds; docs/input-check.md), so such a row may not be a chest at all.
@@ -153,9 +154,82 @@ def pixel_verdict(facts: ImageFacts | None, pixels: np.ndarray | None) -> Verdic
     return None
 
 
-def early_verdict(facts: ImageFacts | None, pixels: np.ndarray | None) -> Verdict | None:
-    """Header first (surest), then pixels; None when neither objects."""
-    return header_verdict(facts.dicom if facts is not None else None) or pixel_verdict(facts, pixels)
+LAYOUT_EPS_LEVELS = 1.0  # added to a layout's sd, in 8-bit gray levels (a blank image stays finite)
+# The film as the model would see it after each mistake, on the layout grid [g, g]
+MISTAKES = (("inverted", lambda v: -v), ("upside down", lambda v: v[::-1, ::-1]),
+            ("on its side (rotated 90 degrees)", lambda v: np.rot90(v, 1)),
+            ("on its side (rotated 270 degrees)", lambda v: np.rot90(v, 3)),
+            ("inverted and upside down", lambda v: -v[::-1, ::-1]))
+
+
+def layout_u8(pixels: np.ndarray, grid: int) -> np.ndarray:
+    """[grid, grid]: the model-size uint8 image averaged over grid x grid blocks (a remainder of
+    rows or columns left out), standardised by its own mean and sd (+ LAYOUT_EPS_LEVELS).
+    cxr-export builds the template from training films with this same function."""
+    h, w = pixels.shape[0] // grid, pixels.shape[1] // grid
+    t = pixels[:h * grid, :w * grid].astype(np.float32).reshape(grid, h, grid, w).mean(axis=(1, 3))
+    return (t - t.mean()) / (t.std() + LAYOUT_EPS_LEVELS)
+
+
+def layout_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum()) / denom if denom > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class OrientationCheck:
+    """The training films' mean coarse layout (``template``, grid x grid) and a ``margin``, as
+    cxr-export stored them in ``cxr.input_check`` under ``orientation``.
+
+    A film is ``misoriented`` when the template matches it better after undoing a mistake --
+    inversion, a half turn, a quarter turn -- than as it is, by more than the margin: a frontal
+    chest film has two dark lung fields either side of a bright mediastinum and is bright below
+    the diaphragm, which an inverted or turned film is not. Parameter-free but for the margin,
+    which the export chose so that at most a quarter of a percent of any validation source is
+    flagged. A left-right flip is no mistake here (chests are nearly symmetric, and a flipped film
+    is still a chest film the right way up)."""
+
+    template: np.ndarray
+    margin: float
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> "OrientationCheck | None":
+        if doc is None:
+            return None
+        try:
+            grid = int(doc["grid"])
+            template = np.asarray(doc["template"], np.float32).reshape(grid, grid)
+            margin = float(doc["margin"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"cxr.{METADATA_KEY} orientation needs grid, grid x grid template and margin") from None
+        if not (grid >= 2 and np.all(np.isfinite(template)) and np.isfinite(margin) and margin >= 0):
+            raise ValueError(f"cxr.{METADATA_KEY} orientation: grid >= 2, finite template, margin >= 0 required")
+        return cls(template, margin)
+
+    def scores(self, pixels: np.ndarray) -> tuple[float, str, float]:
+        """(correlation as it is, the best-fitting mistake, its correlation)."""
+        v = layout_u8(pixels, self.template.shape[0])
+        as_is = layout_correlation(v, self.template)
+        name, best = max(((n, layout_correlation(undo(v), self.template)) for n, undo in MISTAKES), key=lambda x: x[1])
+        return as_is, name, best
+
+    def verdict(self, pixels: np.ndarray | None) -> Verdict | None:
+        if pixels is None or pixels.ndim != 2 or min(pixels.shape) < self.template.shape[0]:
+            return None
+        as_is, name, best = self.scores(pixels)
+        if best - as_is > self.margin:
+            return Verdict(MISORIENTED, f"looks {name}: the training films' layout matches it so (r {best:.2f}) "
+                                        f"better than as it is (r {as_is:.2f})")
+        return None
+
+
+def early_verdict(facts: ImageFacts | None, pixels: np.ndarray | None,
+                  orientation: OrientationCheck | None = None) -> Verdict | None:
+    """Header first (surest), then pixels, then (with the model's template) orientation; None
+    when none objects."""
+    return (header_verdict(facts.dicom if facts is not None else None) or pixel_verdict(facts, pixels)
+            or (orientation.verdict(pixels) if orientation is not None else None))
 
 
 @dataclass(frozen=True)
@@ -169,6 +243,7 @@ class ScoreCheck:
     not_chest_xray: float
     output: str = SCORE_OUTPUT
     meta: Mapping[str, Any] | None = None
+    orientation: OrientationCheck | None = None  # models exported before it have none
 
     @classmethod
     def from_metadata(cls, extra: Mapping[str, Any]) -> "ScoreCheck | None":
@@ -189,7 +264,7 @@ class ScoreCheck:
         if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
             raise ValueError(f"cxr.{METADATA_KEY} thresholds must be finite with "
                              f"{NOT_CHEST_XRAY} >= {UNFAMILIAR} (got {lo}, {hi})")
-        return cls(lo, hi, str(doc.get("output", SCORE_OUTPUT)), doc)
+        return cls(lo, hi, str(doc.get("output", SCORE_OUTPUT)), doc, OrientationCheck.from_doc(doc.get("orientation")))
 
     def verdict(self, score: float) -> Verdict:
         if not np.isfinite(score) or score > self.not_chest_xray:

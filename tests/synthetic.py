@@ -165,3 +165,19 @@ def write_skippable(root: Path) -> dict[str, str]:
     Image.new("L", (8, 8), 255).save(root / "masks" / "mask1.png")  # must not be scanned
     return {"metadata.xlsx": "non-image file", ".DS_Store": "hidden file", "README": "non-image file",
             "masks": "ignored folder (masks/)"}
+
+
+def chest_like(rng: "np.random.Generator", size: int = 224) -> np.ndarray:
+    """uint8 (size, size) stand-in with a frontal chest film's coarse layout: dark air around a
+    bright body, two dark lung fields either side of a bright mediastinum, bright below the
+    diaphragm; position, size and levels jitter a little, plus noise."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    cx, cy = 0.5 + rng.normal(0, 0.02), 0.5 + rng.normal(0, 0.02)
+    img = np.full((size, size), 25.0 + rng.normal(0, 5))
+    img[((x - cx) / 0.42) ** 2 + ((y - cy) / 0.55) ** 2 < 1] = 150 + rng.normal(0, 10)
+    for side in (-1, 1):
+        lung = ((x - cx - side * 0.17) / 0.12) ** 2 + ((y - cy + 0.08) / 0.25) ** 2 < 1
+        img[lung] = 60 + rng.normal(0, 8)
+    img[(y > cy + 0.22) & (np.abs(x - cx) < 0.4)] = 185 + rng.normal(0, 8)
+    img += rng.normal(0, 6, img.shape)
+    return img.clip(0, 255).astype(np.uint8)
