@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from .discover import iter_inputs
-from .engine import (DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, default_threads, iter_scan, model_input,
-                     to_prediction)
+from .engine import (DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, checked_verdicts, default_threads,
+                     iter_scan, model_input, to_prediction)
 from .imageio import load_image_with_facts, to_gray8
 from .inputcheck import ImageFacts, Verdict, colour_spread, final_verdict
 from .preprocess import Preprocessing
@@ -101,8 +101,7 @@ class Classifier:
                 colour = colour_spread(Image.fromarray(arr[..., :3].astype(np.uint8) if arr.dtype != np.uint8
                                                        else np.ascontiguousarray(arr[..., :3])))
             facts = ImageFacts(arr.shape[1] if arr.ndim >= 2 else 1, arr.shape[0] if arr.ndim >= 1 else 1, colour)
-        check = self.model.input_check
-        return model_input(x, facts, self.preprocessing, check.orientation if check is not None else None)
+        return model_input(x, facts, self.preprocessing)
 
     def classify(self, x: "str | os.PathLike[str] | Image.Image | np.ndarray") -> Prediction:
         """Classify one image: a file path, a PIL image (any mode) or a numpy array
@@ -120,8 +119,8 @@ class Classifier:
         tensor, early = self._tensor(x)
         probs, maps, scores = self.model.run_outputs(tensor[None], cam=cam)
         score = None if scores is None else float(scores[0])
-        pred = to_prediction(probs[0], self.model.classes, final_verdict(early, score, self.model.input_check), score,
-                             self.show_unfamiliar)
+        verdict = checked_verdicts(self.model, tensor[None], [early], scores)[0]
+        pred = to_prediction(probs[0], self.model.classes, verdict, score, self.show_unfamiliar)
         pred = triage_mod.apply(ScanResult("", prediction=pred), self.triage_policy).prediction
         return pred, (maps[0] if maps is not None else None)
 

@@ -211,15 +211,27 @@ def prepare(path: str, pp: Preprocessing) -> tuple[np.ndarray | None, str | None
     return prepare_checked(path, pp)[:4]
 
 
-def model_input(image, facts, pp: Preprocessing, orientation=None) -> tuple[np.ndarray, Verdict | None]:
-    """(model input tensor, the input check's header/pixel/orientation verdict or None) for a
-    decoded image and the facts gathered while decoding it: the one preprocessing a scan and the
-    Python API share. ``orientation``: the model's ``OrientationCheck``, if it has one."""
+def model_input(image, facts, pp: Preprocessing) -> tuple[np.ndarray, Verdict | None]:
+    """(model input tensor, the input check's header/pixel verdict or None) for a decoded image
+    and the facts gathered while decoding it: the one preprocessing a scan and the Python API
+    share. (The orientation check runs on whole batches of these tensors: ``checked_verdicts``.)"""
     pixels = resize_to_uint8(image, pp)
-    return normalize(pixels, pp), early_verdict(facts, pixels, orientation)
+    return normalize(pixels, pp), early_verdict(facts, pixels)
 
 
-def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0, orientation=None):
+def checked_verdicts(model: Model, batch: np.ndarray, early: list, scores: np.ndarray | None) -> list[Verdict]:
+    """Every image's final verdict: its header/pixel objection, else the orientation check (one
+    vectorised pass over the batch, in the thread that runs the model, where it costs a few
+    microseconds per image instead of a tenth of a millisecond of contended decode-thread time),
+    else the model's score."""
+    check = model.input_check
+    orientation = check.orientation if check is not None else None
+    turned = orientation.batch_verdicts(batch, model.info.preprocess) if orientation is not None else [None] * len(batch)
+    return [final_verdict(e or t, None if scores is None else float(s), check)
+            for e, t, s in zip(early, turned, scores if scores is not None else [None] * len(batch))]
+
+
+def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0):
     """``prepare`` plus the input check's header/pixel verdict, computed while the colour and the
     header are still at hand: (tensor, error, read_s, preprocess_s, verdict or None, preview).
     ``preview_side`` > 0 also keeps the decoded image shrunk to at most that many pixels."""
@@ -231,7 +243,7 @@ def prepare_checked(path: str, pp: Preprocessing, preview_side: int = 0, orienta
     t1 = time.perf_counter()
     preview = None
     try:
-        x, early = model_input(image, facts, pp, orientation)
+        x, early = model_input(image, facts, pp)
         if preview_side:
             preview = image.copy()
             preview.thumbnail((preview_side, preview_side))
@@ -277,7 +289,6 @@ def iter_scan(
     workers = workers or default_workers(model.runs_on)
     prefetch = max(2 * batch_size, batch_size + 2 * workers)
     pp, classes = model.info.preprocess, model.classes
-    orientation = model.input_check.orientation if model.input_check is not None else None
     if triage is None:
         triage = triage_mod.default_policy(model.info)[0]
     source = iter(entries)
@@ -300,7 +311,7 @@ def iter_scan(
             elif entry.error is not None:
                 pending.append((entry, None))
             else:
-                pending.append((entry, pool.submit(prepare_checked, entry.path, pp, previews, orientation)))
+                pending.append((entry, pool.submit(prepare_checked, entry.path, pp, previews)))
 
     # The first batch holds one image, so the first result comes as soon as one image is decoded
     # (not after a whole batch is decoded and inferred); every later batch is full.
@@ -338,6 +349,8 @@ def iter_scan(
                 except Exception as exc:
                     infer_error = f"inference failed: {exc}"
                 stats.add_batch(len(tensors), time.perf_counter() - t0)
+                if infer_error is None:
+                    verdicts = checked_verdicts(model, batch, [c[4] for c in chunk if c[1] is not None], scores)
             k = 0
             for path, x, err, preview, early in chunk:
                 if x is None:
@@ -348,11 +361,11 @@ def iter_scan(
                     p = probs[k]
                     cam = cams[k] if cams is not None else None
                     score = None if scores is None else float(scores[k])
+                    verdict = verdicts[k]
                     k += 1
                     if not np.all(np.isfinite(p)):
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
-                        verdict = final_verdict(early, score, model.input_check)
                         pred = to_prediction(p, classes, verdict, score, show_unfamiliar)
                         result = ScanResult(path, prediction=pred, heatmap=cam, preview=preview)
                 result = triage_mod.apply(result, triage)

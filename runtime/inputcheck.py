@@ -20,6 +20,7 @@ the header and pixel checks ran). numpy only: this runs on the workstation. See 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -155,11 +156,14 @@ def pixel_verdict(facts: ImageFacts | None, pixels: np.ndarray | None) -> Verdic
 
 
 LAYOUT_EPS_LEVELS = 1.0  # added to a layout's sd, in 8-bit gray levels (a blank image stays finite)
-# The film as the model would see it after each mistake, on the layout grid [g, g]
-MISTAKES = (("inverted", lambda v: -v), ("upside down", lambda v: v[::-1, ::-1]),
-            ("on its side (rotated 90 degrees)", lambda v: np.rot90(v, 1)),
-            ("on its side (rotated 270 degrees)", lambda v: np.rot90(v, 3)),
-            ("inverted and upside down", lambda v: -v[::-1, ::-1]))
+# The mistakes, each as what it does to the film's layout on the grid [g, g]. Every one is a sign
+# flip or a rotation, so the template matches a film after the mistake is undone exactly as well
+# as the film matches the template with the mistake applied: ``_variants`` turns the template once
+# and the check is then one small matrix product per film.
+MISTAKES = (("inverted", lambda t: -t), ("upside down", lambda t: t[::-1, ::-1]),
+            ("on its side (rotated 90 degrees)", lambda t: np.rot90(t, 1)),
+            ("on its side (rotated 270 degrees)", lambda t: np.rot90(t, 3)),
+            ("inverted and upside down", lambda t: -t[::-1, ::-1]))
 
 
 def layout_u8(pixels: np.ndarray, grid: int) -> np.ndarray:
@@ -167,7 +171,8 @@ def layout_u8(pixels: np.ndarray, grid: int) -> np.ndarray:
     rows or columns left out), standardised by its own mean and sd (+ LAYOUT_EPS_LEVELS).
     cxr-export builds the template from training films with this same function."""
     h, w = pixels.shape[0] // grid, pixels.shape[1] // grid
-    t = pixels[:h * grid, :w * grid].astype(np.float32).reshape(grid, h, grid, w).mean(axis=(1, 3))
+    rows = pixels[:h * grid, :w * grid].reshape(grid, h, w * grid).sum(axis=1, dtype=np.int64)  # [g, W]
+    t = rows.reshape(grid, grid, w).sum(axis=2).astype(np.float64) / (h * w)
     return (t - t.mean()) / (t.std() + LAYOUT_EPS_LEVELS)
 
 
@@ -193,6 +198,15 @@ class OrientationCheck:
     template: np.ndarray
     margin: float
 
+    @functools.cached_property
+    def _variants(self) -> np.ndarray:
+        """[1 + mistakes, g*g]: the template as it is, then as each mistake would show it, each
+        centred and of unit norm, so that one product with a centred layout gives correlations."""
+        rows = [self.template] + [np.ascontiguousarray(mistake(self.template)) for _, mistake in MISTAKES]
+        m = np.stack([r.ravel() - r.mean() for r in rows]).astype(np.float64)
+        norms = np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.where(norms > 0, norms, 1.0)
+
     @classmethod
     def from_doc(cls, doc: Any) -> "OrientationCheck | None":
         if doc is None:
@@ -209,15 +223,49 @@ class OrientationCheck:
 
     def scores(self, pixels: np.ndarray) -> tuple[float, str, float]:
         """(correlation as it is, the best-fitting mistake, its correlation)."""
-        v = layout_u8(pixels, self.template.shape[0])
-        as_is = layout_correlation(v, self.template)
-        name, best = max(((n, layout_correlation(undo(v), self.template)) for n, undo in MISTAKES), key=lambda x: x[1])
-        return as_is, name, best
+        v = layout_u8(pixels, self.template.shape[0]).ravel()
+        v = v - v.mean()
+        norm = float(np.sqrt(v @ v))
+        r = self._variants @ v / norm if norm > 0 else np.zeros(len(MISTAKES) + 1)
+        k = int(np.argmax(r[1:]))
+        return float(r[0]), MISTAKES[k][0], float(r[1 + k])
 
     def verdict(self, pixels: np.ndarray | None) -> Verdict | None:
+        """For one model-size uint8 image (the export's and the tests' path)."""
         if pixels is None or pixels.ndim != 2 or min(pixels.shape) < self.template.shape[0]:
             return None
-        as_is, name, best = self.scores(pixels)
+        return self._judge(*self.scores(pixels))
+
+    def batch_verdicts(self, batch: np.ndarray, pp) -> list:
+        """For a batch of model inputs [N, C, H, W] (normalised as ``pp`` says): the same layout
+        as ``layout_u8`` -- normalising is affine, which the per-image standardisation removes,
+        and the sd's epsilon is converted to input units -- in one vectorised pass. This is the
+        scan's path."""
+        g = self.template.shape[0]
+        x = np.asarray(batch, np.float32)
+        if x.ndim != 4 or min(x.shape[2:]) < g:
+            return [None] * len(x)
+        x = x.mean(axis=1) if x.shape[1] > 1 else x[:, 0]
+        h, w = x.shape[1] // g, x.shape[2] // g
+        n = len(x)
+        # block sums in two contiguous reductions (rows within a block, then columns): five times
+        # faster than one reduction over both block axes
+        rows = x[:, :h * g, :w * g].reshape(n, g, h, w * g).sum(axis=2)
+        t = rows.reshape(n, g, g, w).sum(axis=3).reshape(n, -1).astype(np.float64) / (h * w)
+        t = t - t.mean(axis=1, keepdims=True)
+        eps = LAYOUT_EPS_LEVELS / (255.0 * float(pp.std))
+        v = t / (np.sqrt((t * t).mean(axis=1, keepdims=True)) + eps)
+        v = v - v.mean(axis=1, keepdims=True)
+        norms = np.linalg.norm(v, axis=1)
+        r = (v @ self._variants.T) / np.where(norms > 0, norms, 1.0)[:, None]
+        r[norms == 0] = 0.0
+        out = []
+        for row in r:
+            k = int(np.argmax(row[1:]))
+            out.append(self._judge(float(row[0]), MISTAKES[k][0], float(row[1 + k])))
+        return out
+
+    def _judge(self, as_is: float, name: str, best: float) -> Verdict | None:
         if best - as_is > self.margin:
             return Verdict(MISORIENTED, f"looks {name}: the training films' layout matches it so (r {best:.2f}) "
                                         f"better than as it is (r {as_is:.2f})")
@@ -226,8 +274,9 @@ class OrientationCheck:
 
 def early_verdict(facts: ImageFacts | None, pixels: np.ndarray | None,
                   orientation: OrientationCheck | None = None) -> Verdict | None:
-    """Header first (surest), then pixels, then (with the model's template) orientation; None
-    when none objects."""
+    """Header first (surest), then pixels, then (given the model's template) orientation; None
+    when none objects. A scan runs the orientation check per batch instead
+    (``OrientationCheck.batch_verdicts``, the same verdicts)."""
     return (header_verdict(facts.dicom if facts is not None else None) or pixel_verdict(facts, pixels)
             or (orientation.verdict(pixels) if orientation is not None else None))
 

@@ -97,3 +97,24 @@ def test_scan_and_api_withhold_a_misoriented_film(tmp_path, tiny_model_path):
     assert clf.classify(Image.fromarray(255 - film)).qc == MISORIENTED  # the Python API, from a PIL image
     res = run("scan", d, "--model", model, "--format", "csv")
     assert res.exit_code == EXIT_NOT_CHEST_XRAY and "2 misoriented" in res.stderr
+
+
+def test_the_scan_batch_path_gives_the_per_image_verdicts():
+    """A scan checks orientation on whole batches of normalised tensors; the export and the
+    per-image path on uint8 pixels. Same layouts (normalising is affine), same verdicts."""
+    from cxr.runtime.preprocess import Preprocessing, normalize
+
+    check = OrientationCheck(_template(), 0.2)
+    rng = np.random.default_rng(5)
+    films = [chest_like(rng) for _ in range(4)]
+    films += [255 - films[0], np.rot90(films[1], 2).copy(), np.rot90(films[2], 1).copy(),
+              np.full((224, 224), 77, np.uint8)]
+    for pp in (Preprocessing(size=224, mean=0.5, std=0.25), Preprocessing(size=224, mean=0.2, std=0.9)):
+        batch = np.stack([normalize(f, pp) for f in films])
+        got = check.batch_verdicts(batch, pp)
+        want = [check.verdict(f) for f in films]
+        assert [v.qc if v else None for v in got] == [v.qc if v else None for v in want]
+        assert [v.detail.split(":")[0] if v else None for v in got] == [v.detail.split(":")[0] if v else None for v in want]
+    assert [v is not None for v in got] == [False] * 4 + [True] * 3 + [False]
+    three = np.repeat(batch, 3, axis=1)  # a 3-channel model averages the channels first
+    assert [v is not None for v in check.batch_verdicts(three, pp)] == [v is not None for v in got]
