@@ -9,7 +9,7 @@ Rows: the split subset's X-rays per source, then each kind (sub-folder) of every
 folder. Each image is a dot at its ``qc_score`` (symmetric-log axis: X-rays sit near 0, CT slices
 and photos at tens), coloured by its verdict; the model's ``unfamiliar`` and ``not_chest_xray``
 thresholds are the dashed lines, and each row says what share was flagged. Images stopped by the
-DICOM-header or pixel checks are drawn at their score too, with a ring. Scored with the runtime
+DICOM-header, pixel or orientation checks are drawn at their score too, with a ring. Scored with the runtime
 (``Classifier.classify_many``), exactly as a scan scores them.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 COLOURS = {"ok": "#2b8a3e", "unfamiliar": "#e8590c", "not_chest_xray": "#c92a2a", "not_frontal": "#862e9c",
-           "unchecked": "#868e96"}
+           "misoriented": "#1971c2", "unchecked": "#868e96"}
+OTHER = "#000000"  # a verdict this script does not know yet
 
 
 def split_groups(split: str, subset: str, data_roots: list[str]) -> dict[str, list[str]]:
@@ -82,11 +83,11 @@ def plot(data: dict, out: str) -> None:
     for row, (name, rows) in enumerate(groups):
         s = np.array([r["score"] for r in rows])
         y = row + rng.uniform(-0.28, 0.28, len(s))
-        for qc in COLOURS:
+        for qc in dict.fromkeys([*COLOURS, *(r["qc"] for r in rows)]):
             m = np.array([r["qc"] == qc for r in rows])
             if m.any():
-                ax.scatter(s[m], y[m], s=7, c=COLOURS[qc], alpha=0.6, linewidths=0,
-                           label=qc if row == 0 or qc not in ax.get_legend_handles_labels()[1] else None)
+                ax.scatter(s[m], y[m], s=7, c=COLOURS.get(qc, OTHER), alpha=0.6, linewidths=0,
+                           label=qc if qc not in ax.get_legend_handles_labels()[1] else None)
         early = np.array([r["early"] for r in rows])
         if early.any():
             ax.scatter(s[early], y[early], s=22, facecolors="none", edgecolors="k", linewidths=0.5)
@@ -109,7 +110,7 @@ def plot(data: dict, out: str) -> None:
     ax.set_title(f"Input check: {Path(data['model']).name}", fontsize=10, pad=28)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=len(labels), fontsize=8,
-              markerscale=2, frameon=False, title="verdict (ringed: decided by the header/pixel checks)",
+              markerscale=2, frameon=False, title="verdict (ringed: decided by the header, pixel or orientation checks)",
               title_fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
