@@ -231,15 +231,19 @@ def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:
 
 @cli.command()
 @click.argument("model_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", "model_option", type=click.Path(dir_okay=False), default=None,
+              help="The model file, as in scan and bench (or give it as the argument).")
 @precision_option
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 @click.pass_context
-def info(ctx, model_path, precision, as_json):
+def info(ctx, model_path, precision, as_json, model_option=None):
     """Show what a model file says about itself (default: the shipped model): classes, input,
-    preprocessing, architecture, training data, metrics, quantization, size and sha256."""
+    preprocessing, architecture, input check, training data, metrics, quantization, size and sha256."""
     import json
 
-    model = _load(ctx, model_path, "cpu", 1, precision)
+    if model_path and model_option and model_path != model_option:
+        _fail(ctx, "give the model once: as the argument or with --model")
+    model = _load(ctx, model_path or model_option, "cpu", 1, precision)
     from .modelinfo import describe_model, format_description
 
     d = describe_model(model)

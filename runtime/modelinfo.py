@@ -50,8 +50,20 @@ def describe_model(model: Model) -> dict[str, Any]:
     d.update(_triage_description(info, extra))
     extra.pop("cam", None)
     d["heatmaps"] = cam_metadata(info)
+    d["input_check"] = _input_check_summary(model)
     d["other_metadata"] = extra
     return d
+
+
+def _input_check_summary(model: Model) -> dict[str, Any] | None:
+    """What the runtime will check with this model (the full entry stays under other_metadata)."""
+    check = model.input_check
+    if check is None:
+        return None
+    ori = check.orientation
+    return {"score_output": check.output, "unfamiliar_above": check.unfamiliar,
+            "not_chest_xray_above": check.not_chest_xray,
+            "orientation_margin": None if ori is None else ori.margin}
 
 
 def _triage_description(info, extra: dict) -> dict[str, Any]:
@@ -106,6 +118,13 @@ def format_description(d: dict[str, Any]) -> str:
         text = (f"yes: output {cam.get('output')!r}, grid {cam.get('grid')}, layer {cam.get('layer')} "
                 "(scan --heatmaps DIR)" if cam.get("available") else f"no: {cam.get('reason')}")
         lines.append("heatmaps       " + printable(text))  # from the model file: no terminal escapes
+    qc = d.get("input_check")
+    lines.append("input check    " + (
+        f"qc_score from output {printable(str(qc['score_output']))!r}: unfamiliar above {qc['unfamiliar_above']:.4g}, "
+        f"not_chest_xray above {qc['not_chest_xray_above']:.4g}; "
+        + ("orientation check, margin " + f"{qc['orientation_margin']:.3g}" if qc["orientation_margin"] is not None
+           else "no orientation check (exported before it)")
+        if qc else "none in this model (exported before it): header and pixel checks only, qc = unchecked"))
     for key in ("intended_use", "created", "producer", "checkpoint_sha256"):
         if d.get(key):
             lines.append(f"{key:<14} {printable(str(d[key]))}")  # from the model file: no terminal escapes

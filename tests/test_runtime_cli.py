@@ -202,8 +202,24 @@ def test_info(tmp_path):
         assert text in r.stdout
     d = json.loads(run("info", model, "--json").stdout)
     assert d["sha256"] == sha and d["classes"] == CLASSES and d["input"]["shape"][1:] == [1, 32, 32]
-    assert d["quantization"] is None
+    assert d["quantization"] is None and d["input_check"] is None
+    assert "input check    none in this model" in r.stdout
     assert run("info", tmp_path / "nope.onnx").exit_code == 2
+    assert run("info", "--model", model).stdout == r.stdout  # --model, as in scan and bench
+    assert run("info", model, "--model", tmp_path / "other.onnx").exit_code == 2
+
+
+def test_info_names_the_input_check(tmp_path):
+    from test_input_check_runtime import THRESHOLDS, add_score_output
+
+    model = add_score_output(build_tiny_model(tmp_path / "m.onnx"), tmp_path / "qc.onnx")
+    r = run("info", model)
+    assert r.exit_code == 0
+    assert (f"input check    qc_score from output 'qc_score': unfamiliar above {THRESHOLDS['unfamiliar']:.4g}, "
+            f"not_chest_xray above {THRESHOLDS['not_chest_xray']:.4g}; no orientation check") in r.stdout
+    d = json.loads(run("info", model, "--json").stdout)["input_check"]
+    assert d == {"score_output": "qc_score", "unfamiliar_above": 5.0, "not_chest_xray_above": 12.0,
+                 "orientation_margin": None}
 
 
 def test_writers_flush_each_row(tmp_path):
