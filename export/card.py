@@ -221,7 +221,7 @@ def model_card(raw_props: dict[str, str], name: str = "model") -> str:
                  f"{_pct(val.get('top1_agreement'))}%; bound: drop <= {(quant.get('bound') or {}).get('max_accuracy_drop_points')} "
                  f"points, agreement >= {(quant.get('bound') or {}).get('min_agreement_percent')}%.")
         L.append(f"- nodes kept in float: {', '.join(f'{k} ({v})' for k, v in kept.items()) or 'none'}.")
-    cam = _json(x.get("cam"))
+    cam = x.get("cam")
     cam = cam if isinstance(cam, dict) else {}
     if cam.get("available"):
         cp = cam.get("parity") or {}

@@ -7,7 +7,6 @@ is scored and reported, never used to choose anything (docs/input-check.md says 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,13 +326,12 @@ def text_lines(qc: dict) -> list[str]:
     return out
 
 
-def card_lines(raw) -> list[str]:
-    """The card's "Input check" section from the ``cxr.input_check`` metadata (JSON or dict)."""
-    if not raw:
+def card_lines(qc: dict | None) -> list[str]:
+    """The card's "Input check" section from the decoded ``cxr.input_check`` metadata."""
+    if not qc:
         return ["", "## Input check", "",
                 "None in this file (exported before the check): every result reads `qc` = `unchecked`; only the "
                 "runtime's DICOM-header and pixel checks run."]
-    qc = json.loads(raw) if isinstance(raw, str) else raw
     th = qc.get("thresholds", {})
     L = ["", "## Input check", "",
          f"Output `{qc.get('output', 'qc_score')}` (float32 [N]): {qc.get('score', '')}. Method `{qc.get('method', METHOD)}`, "

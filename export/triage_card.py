@@ -3,18 +3,7 @@
 
 from __future__ import annotations
 
-import json
-
 from cxr.runtime.triage import compact_rows
-
-
-def _json(v):
-    if isinstance(v, str):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return None
-    return v
 
 
 def _p(x, digits: int = 1) -> str:
@@ -23,7 +12,7 @@ def _p(x, digits: int = 1) -> str:
 
 def probability_note(extra: dict) -> str:
     """The "what the probabilities mean" bullet of the limits section."""
-    cal = _json(extra.get("calibration"))
+    cal = extra.get("calibration")
     if isinstance(cal, dict):
         return (f"- Probabilities are temperature-scaled (T = {cal.get('temperature')}, fitted on the "
                 f"{cal.get('fitted_on')}): calibrated on data like the training data, not clinical risk "
@@ -32,8 +21,8 @@ def probability_note(extra: dict) -> str:
 
 
 def card_lines(extra: dict) -> list[str]:
-    cal = _json(extra.get("calibration"))
-    op = _json(extra.get("operating_points"))
+    cal = extra.get("calibration")
+    op = extra.get("operating_points")
     L = ["", "## Calibration and triage", ""]
     if not isinstance(cal, dict):
         L.append("No calibration recorded (exported with `--no-calibrate` or without a validation split): "

@@ -21,7 +21,6 @@ the header and pixel checks ran). numpy only: this runs on the workstation. See 
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -296,12 +295,12 @@ class ScoreCheck:
 
     @classmethod
     def from_metadata(cls, extra: Mapping[str, Any]) -> "ScoreCheck | None":
-        """From a model's decoded metadata extras; None when the model has no check (exported
-        before it). Raises ValueError for a present but unusable entry."""
-        raw = extra.get(METADATA_KEY)
-        if raw is None:
+        """From a model's decoded metadata extras (``decode_props`` has parsed the JSON); None
+        when the model has no check (exported before it). Raises ValueError for a present but
+        unusable entry."""
+        doc = extra.get(METADATA_KEY)
+        if doc is None:
             return None
-        doc = json.loads(raw) if isinstance(raw, str) else raw
         if not isinstance(doc, dict):
             raise ValueError(f"cxr.{METADATA_KEY} must be a JSON object")
         th = doc.get("thresholds") or {}

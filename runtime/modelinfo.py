@@ -72,13 +72,7 @@ def _triage_description(info, extra: dict) -> dict[str, Any]:
     from .triage import TriageUnavailable, default_policy, operating_points
 
     out: dict[str, Any] = {}
-    cal = extra.pop("calibration", None)
-    if isinstance(cal, str):
-        try:
-            cal = json.loads(cal)
-        except json.JSONDecodeError:
-            pass
-    out["calibration"] = cal
+    out["calibration"] = extra.pop("calibration", None)
     try:
         out["operating_points"] = operating_points(info)
     except TriageUnavailable as exc:

@@ -7,7 +7,6 @@ that contradicts its own metadata, CUDA asked for but absent) is found here, at 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -208,14 +207,9 @@ def _check_model_file(path: Path) -> None:
 
 
 def cam_metadata(info: ModelInfo) -> dict | None:
-    """The ``cxr.cam`` metadata as a dict (the metadata reader checked that it is JSON and leaves
-    it a string for this feature to parse), or None when the model has none."""
+    """The ``cxr.cam`` metadata (parsed by the metadata reader) as a dict, or None when the model
+    has none."""
     meta = info.extra.get("cam")
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta)
-        except ValueError:
-            return None
     return meta if isinstance(meta, dict) else None
 
 

@@ -19,7 +19,6 @@ Rules that hold whatever the threshold:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,15 +44,11 @@ def find_normal_class(classes: Sequence[str]) -> str | None:
 
 
 def operating_points(info) -> dict | None:
-    """The parsed ``cxr.operating_points`` of a ``ModelInfo`` (None when absent)."""
+    """The ``cxr.operating_points`` of a ``ModelInfo`` (parsed by the metadata reader, which
+    refuses a model whose value is not JSON); None when absent."""
     raw = info.extra.get("operating_points")
     if raw is None:
         return None
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise TriageUnavailable(f"metadata cxr.operating_points is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise TriageUnavailable("metadata cxr.operating_points is not a JSON object")
     return raw

@@ -142,13 +142,13 @@ def test_dicom_header_through_the_scan(tmp_path, qc_model):
 # ----------------------------------------------------------------------------- the model's score
 
 def test_score_thresholds_and_verdicts():
-    check = ScoreCheck.from_metadata({"input_check": json.dumps({"thresholds": THRESHOLDS})})
+    check = ScoreCheck.from_metadata({"input_check": {"thresholds": THRESHOLDS}})
     assert [check.verdict(s).qc for s in (0.0, 5.0, 5.01, 12.0, 12.5, float("nan"))] == [
         "ok", "ok", "unfamiliar", "unfamiliar", "not_chest_xray", "not_chest_xray"]
     assert ScoreCheck.from_metadata({}) is None
     for bad in ({"thresholds": {"unfamiliar": 3}}, {"thresholds": {"unfamiliar": 9, "not_chest_xray": 3}}, [1]):
         with pytest.raises(ValueError):
-            ScoreCheck.from_metadata({"input_check": json.dumps(bad)})
+            ScoreCheck.from_metadata({"input_check": bad})
 
 
 def test_broken_input_check_metadata_refuses_to_load(tiny_model_path, tmp_path):

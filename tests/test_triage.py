@@ -150,7 +150,7 @@ def _info(op, classes=CLASSES):
     from cxr.runtime.preprocess import Preprocessing
 
     return ModelInfo(classes=list(classes), preprocess=Preprocessing(size=32),
-                     extra={"operating_points": json.dumps(op)})
+                     extra={"operating_points": op})
 
 
 def test_pick_threshold_rule_and_its_errors():
