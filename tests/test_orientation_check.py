@@ -39,9 +39,19 @@ def test_mistakes_are_named_and_upright_films_pass():
     assert MISORIENTED in NO_DIAGNOSIS
     # a blank image or one smaller than the grid is left to the other checks
     assert check.verdict(np.full((224, 224), 90, np.uint8)) is None and check.verdict(np.zeros((4, 4), np.uint8)) is None
-    # the header and pixel checks come first
-    assert early_verdict(None, 255 - film, check).qc == MISORIENTED
-    assert early_verdict(None, 255 - film, None) is None
+    # in a scan the header and pixel checks come first, then orientation, then the score
+    from types import SimpleNamespace
+
+    from cxr.runtime.engine import checked_verdicts
+    from cxr.runtime.inputcheck import ScoreCheck, Verdict
+    from cxr.runtime.preprocess import Preprocessing, normalize
+
+    pp = Preprocessing(size=224)
+    model = SimpleNamespace(input_check=ScoreCheck(5.0, 12.0, orientation=check), info=SimpleNamespace(preprocess=pp))
+    batch = np.stack([normalize(f, pp) for f in (255 - film, 255 - film, film)])
+    got = checked_verdicts(model, batch, [Verdict("not_chest_xray", "colour image"), None, None], np.array([0, 0, 6.0]))
+    assert [v.qc for v in got] == ["not_chest_xray", MISORIENTED, "unfamiliar"]
+    assert early_verdict(None, 255 - film) is None  # the pixel checks alone do not see orientation
 
 
 def test_training_images_without_a_shared_layout_give_no_check():
