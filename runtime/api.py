@@ -31,7 +31,7 @@ from .discover import iter_inputs
 from .engine import (DEFAULT_BATCH_SIZE, Prediction, ScanResult, ScanStats, checked_verdicts, default_threads,
                      iter_scan, model_input, to_prediction)
 from .imageio import load_image_with_facts, to_gray8
-from .inputcheck import ImageFacts, Verdict, colour_spread, final_verdict
+from .inputcheck import ImageFacts, Verdict, colour_spread
 from .preprocess import Preprocessing
 from .session import Model, load_model
 from . import triage as triage_mod
