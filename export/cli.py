@@ -455,14 +455,9 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
         q["candidates"] = [{k: v for k, v in r.items() if k != "path"} for r in results]
         click.echo(int8_candidates_table(results), err=True)
         if chosen is None:
-            if int8_out.exists():  # an older int8 must not sit beside this new fp32 model
-                int8_out.unlink()
-                _sibling(int8_out, ".card.md").unlink(missing_ok=True)
-            q["status"] = "refused"
-            q["message"] = (f"none of {', '.join(s.name for s in schemes)} stayed within the bound "
-                            f"(accuracy drop <= {max_drop} points, agreement >= {min_agreement}%); "
-                            f"no int8 model written; {out.name} (fp32, parity passed) stays")
-            return q["message"]
+            return _refuse_int8(q, int8_out, f"none of {', '.join(s.name for s in schemes)} stayed within the bound "
+                                             f"(accuracy drop <= {max_drop} points, agreement >= {min_agreement}%); "
+                                             f"no int8 model written; {out.name} (fp32, parity passed) stays")
         scheme = quantize.Scheme.parse(chosen["scheme"])
         q["status"] = "ok"
         q["chosen"] = {k: v for k, v in chosen.items() if k != "path"}
@@ -489,15 +484,10 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 log("int8 " + cpar8.describe())
                 if not cpar8.passed:
                     del sess
-                    q["status"] = "refused"
-                    q["message"] = (f"{scheme.name} keeps the probabilities within the bound but not the "
-                                    f"class-activation maps ({cpar8.describe()}); no int8 model written; "
-                                    f"{out.name} (fp32, parity passed) stays. Try another --int8-scheme, "
-                                    f"or --int8-cam-tolerance")
-                    if int8_out.exists():
-                        int8_out.unlink()
-                        _sibling(int8_out, ".card.md").unlink(missing_ok=True)
-                    return q["message"]
+                    return _refuse_int8(q, int8_out, f"{scheme.name} keeps the probabilities within the bound but not "
+                                                     f"the class-activation maps ({cpar8.describe()}); no int8 model "
+                                                     f"written; {out.name} (fp32, parity passed) stays. Try another "
+                                                     f"--int8-scheme, or --int8-cam-tolerance")
                 cam_meta = {**cam_meta, "parity": {**cam_meta.get("parity", {}), "int8_vs_fp32": cpar8.to_dict()}}
             if bench:
                 log("timing onnx_int8")
@@ -509,15 +499,10 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
                 why = qc.int8_refusal(qc_meta)
                 if why:
                     del sess
-                    q["status"] = "refused"
-                    q["message"] = (f"{scheme.name} keeps the probabilities within the bound but not the input "
-                                    f"check ({why}); no int8 model written; {out.name} (fp32, parity passed) "
-                                    f"stays. Try another --int8-scheme, or --qc-int8-min-spearman")
-                    log(q["message"])
-                    if int8_out.exists():
-                        int8_out.unlink()
-                        _sibling(int8_out, ".card.md").unlink(missing_ok=True)
-                    return q["message"]
+                    return _refuse_int8(q, int8_out, f"{scheme.name} keeps the probabilities within the bound but not "
+                                                     f"the input check ({why}); no int8 model written; {out.name} "
+                                                     f"(fp32, parity passed) stays. Try another --int8-scheme, or "
+                                                     f"--qc-int8-min-spearman")
             fp32_speed = report["models"]["onnx_fp32"].get("speed")
             if bench and fp32_speed:
                 entry["speedup_vs_fp32_b1"] = round(fp32_speed["latency_ms_p50"] / entry["speed"]["latency_ms_p50"], 3)
@@ -565,6 +550,17 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             partial.unlink(missing_ok=True)
     _announce(int8_out, card, f", scheme {scheme.name}")
     return None
+
+
+def _refuse_int8(q: dict, int8_out: Path, message: str) -> str:
+    """Record an int8 refusal in the report entry ``q`` and remove an older int8 file (and its
+    card), which must not sit beside the new fp32 model; returns the message to raise with."""
+    if int8_out.exists():
+        int8_out.unlink()
+        _sibling(int8_out, ".card.md").unlink(missing_ok=True)
+    q["status"] = "refused"
+    q["message"] = message
+    return message
 
 
 def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, seed, ood_dirs, atol, rtol,
