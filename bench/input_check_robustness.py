@@ -9,7 +9,12 @@ Every image of the split subset is classified as it is, then after each alterati
 in memory with Pillow and numpy, as a PACS export or a different machine might): JPEG at quality
 40, gamma 0.7 and 1.4, contrast x0.7 and x1.3 about the mean, histogram equalisation, resizing to
 1024 and to 128 px, rotation by 7 degrees, a black border of 10 %, a crop to 85 %, inversion (a
-MONOCHROME1 film exported without its inversion), a left-right flip and an upside-down film.
+MONOCHROME1 film exported without its inversion), a left-right flip and an upside-down film;
+and native-resolution films as users bring them: the film upsampled to 2,500 px and stored as a
+12-bit array (as a 16-bit PNG or TIFF holds it), and the same as a 12-bit MONOCHROME1 DICOM with
+a VOI window, read back through the runtime's DICOM path (needs pydicom). They check that a large
+film reaches the network as the 224 px training films did (antialiased resampling, bit depth,
+windowing, inversion); they cannot show how another machine's detector looks.
 
 Per alteration: the share the input check flags (and calls ``not_chest_xray``), the top-1
 accuracy on all images and on the rows that show a class (what a reader would see), and the share
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from typing import Callable
 
@@ -46,7 +52,57 @@ def _contrast(im: Image.Image, f: float) -> Image.Image:
     return Image.fromarray((a.mean() + f * (a - a.mean())).clip(0, 255).astype(np.uint8))
 
 
-ALTERATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
+NATIVE_PX = 2500
+
+
+def _native12(im: Image.Image) -> np.ndarray:
+    """The film at 2,500 px as 12-bit values with a detector-like offset (300..3800 of 0..4095)."""
+    big = np.asarray(im.resize((NATIVE_PX, NATIVE_PX), Image.BICUBIC), np.float32)
+    return (300.0 + big * (3500.0 / 255.0)).round().astype(np.uint16)
+
+
+def _native_dicom(im: Image.Image) -> str:
+    """_native12 written as a 12-bit MONOCHROME1 DX DICOM with a window over its range; a path,
+    so the runtime reads it as it reads a user's file (modality LUT, VOI window, inversion)."""
+    import tempfile
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    px = 4095 - _native12(im)  # MONOCHROME1: high values are dark
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray, for presentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
+    ds.Rows, ds.Columns = px.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = 2050, 3500
+    ds.PixelData = np.ascontiguousarray(px, dtype="<u2").tobytes()
+    fd, path = tempfile.mkstemp(suffix=".dcm")
+    os.close(fd)
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)
+    return path
+
+
+def _has_pydicom() -> bool:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ALTERATIONS: dict[str, Callable[[Image.Image], "Image.Image | np.ndarray | str"]] = {
     "original": lambda im: im,
     "JPEG quality 40": lambda im: _jpeg(im, 40),
     "gamma 0.7": lambda im: _gamma(im, 0.7),
@@ -62,14 +118,29 @@ ALTERATIONS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "inverted": ImageOps.invert,
     "flipped left-right": ImageOps.mirror,
     "upside down": lambda im: im.rotate(180),
+    "native 2,500 px, 12-bit": _native12,
+    "native 2,500 px, 12-bit DICOM MONOCHROME1": _native_dicom,
 }
+
+
+def _classify(clf, x):
+    """A path (the DICOM alteration) is classified from the file, then removed."""
+    if not isinstance(x, str):
+        return clf.classify(x)
+    try:
+        return clf.classify(x)
+    finally:
+        os.unlink(x)
 
 
 def measure(clf, images: list[Image.Image], labels: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     reference = None
     for name, alter in ALTERATIONS.items():
-        preds = [clf.classify(alter(im)) for im in images]
+        if alter is _native_dicom and not _has_pydicom():
+            print(f"skipped {name!r}: needs pydicom (pip install \".[dicom]\")", file=sys.stderr)
+            continue
+        preds = [_classify(clf, alter(im)) for im in images]
         if reference is None:
             reference = [p.label for p in preds]
         shown = [p.label == y for p, y in zip(preds, labels) if not p.diagnosis_withheld]

@@ -3,13 +3,16 @@
 A clinic sorts its worklist: *refer* a film (a reader sees it first) when the probability that
 it is not Normal reaches a threshold, otherwise *routine*. Every threshold trades sensitivity to
 abnormal films for the share of films referred; this module measures that trade-off on the
-validation split -- overall, per source and one-vs-rest per class -- and picks the default:
-the highest threshold that keeps validation sensitivity >= the target (0.98). The runtime
-(``cxr.runtime.triage``) reads the table back from the model file and applies it.
+validation split -- overall, per source, per abnormal class and one-vs-rest per class -- and
+picks the default: the highest threshold that keeps validation sensitivity >= the target (0.98)
+**in every source** that has abnormal films (and so overall). A pooled point would let the
+largest source carry the figure while a small source's abnormal films slip to routine. The
+runtime (``cxr.runtime.triage``) reads the table back from the model file and applies it; an
+asked ``--sensitivity`` is held in every source the same way.
 
 Thresholds: a uniform grid (step 0.02, 0 included, so sensitivity 1 is always attainable),
-the scores at which sensitivity crosses every percent from 50 to 100, and the exact points for
-common targets. The exact point for target ``s`` is the ``ceil(s * n_abnormal)``-th highest
+the scores at which sensitivity crosses every percent from 50 to 100 and the exact points for
+common targets, overall and within each source. The exact point for target ``s`` is the ``ceil(s * n_abnormal)``-th highest
 abnormal score: the highest threshold keeping at least that share of abnormal films.
 Thresholds are rounded *down* to 6 decimals and every rate is measured at the stored value, so
 the table is exactly what the runtime will do on these images.
@@ -92,17 +95,28 @@ def build(probs: np.ndarray, labels: np.ndarray, classes: list[str], sources: li
         ni = classes.index(normal)
         score = 1.0 - probs[:, ni]
         abnormal = labels != ni
-        ts = thresholds_for(score, abnormal)
+        ts = set(thresholds_for(score, abnormal))
+        groups = sorted(set(srcs.tolist()))
+        per_source_t = {}
+        for s in groups:
+            sel = srcs == s
+            if len(groups) > 1 and abnormal[sel].any():
+                ts.update(thresholds_for(score[sel], abnormal[sel], grid_step=1.0))
+                per_source_t[s] = exact_threshold(score[sel], abnormal[sel], target)
+        pooled_t = exact_threshold(score, abnormal, target)
+        if pooled_t is None:  # no abnormal validation film: nothing to be sensitive to
+            pooled_t = 0.0
+        default_t = min([pooled_t, *per_source_t.values()])
+        ts = sorted(ts | {default_t}, reverse=True)
         rows = rates(score, abnormal, ts)
-        default_t = exact_threshold(score, abnormal, target)
-        if default_t is None:  # no abnormal validation film: nothing to be sensitive to
-            default_t = 0.0
         d_row = rates(score, abnormal, [default_t])[0]
         doc.update(
             available=True, normal_class=normal, score=f"1 - P({normal})",
             rule="refer when score >= threshold", n_abnormal=int(abnormal.sum()), n_normal=int((~abnormal).sum()),
             default={"threshold": default_t, "target_sensitivity": target, "sensitivity": d_row[0],
-                     "specificity": d_row[1], "referred": d_row[2]},
+                     "specificity": d_row[1], "referred": d_row[2],
+                     "rule": "every source" if per_source_t else "pooled", "pooled_threshold": pooled_t,
+                     "source_thresholds": per_source_t},
             table=[[t, *r] for t, r in zip(ts, rows)],
         )
         by_source = {}
@@ -113,6 +127,16 @@ def build(probs: np.ndarray, labels: np.ndarray, classes: list[str], sources: li
                             "rows": rates(score[sel], abnormal[sel], ts)}
         doc["by_source"] = by_source
         doc["by_source_columns"] = list(COLUMNS[1:])
+        # each abnormal class's share referred: a class the pooled figure hides (Lung_Opacity,
+        # a small class) shows here
+        by_class = {}
+        for i, c in enumerate(classes):
+            sel = labels == i
+            if i == ni or not sel.any():
+                continue
+            by_class[c] = {"n": int(sel.sum()), "default": rates(score[sel], abnormal[sel], [default_t])[0][0],
+                           "rows": [r[0] for r in rates(score[sel], abnormal[sel], ts)]}
+        doc["by_class"] = by_class
     per_class = {}
     for i, c in enumerate(classes):
         pos = labels == i

@@ -93,9 +93,31 @@ def _check_table(op: dict) -> list[list[float]]:
     return table
 
 
-def pick_threshold(table: list[list[float]], sensitivity: float) -> list[float]:
-    """The row with the highest threshold whose sensitivity is >= ``sensitivity``."""
-    ok = [r for r in table if r[1] is not None and r[1] >= sensitivity - 1e-12]
+def source_rows(op: dict, table: list[list[float]]) -> list[list]:
+    """The per-source rows a point must also satisfy: those of every source with abnormal films
+    when the model's default was chosen in every source (``default.rule``), else none."""
+    if (op.get("default") or {}).get("rule") != "every source":
+        return []
+    out = []
+    for v in (op.get("by_source") or {}).values():
+        rows = v.get("rows") if isinstance(v, dict) else None
+        if not v.get("n_abnormal"):
+            continue
+        if not isinstance(rows, list) or len(rows) != len(table):
+            raise TriageUnavailable("the model's per-source operating points do not match its table")
+        out.append(rows)
+    return out
+
+
+def pick_threshold(table: list[list[float]], sensitivity: float, sources: "list[list] | None" = None) -> list[float]:
+    """The row with the highest threshold whose sensitivity is >= ``sensitivity``, overall and in
+    each of ``sources`` (per-source rows aligned with ``table``)."""
+    def holds(i: int, r: list) -> bool:
+        if r[1] is None or r[1] < sensitivity - 1e-12:
+            return False
+        return all(rows[i][0] is None or rows[i][0] >= sensitivity - 1e-12 for rows in sources or [])
+
+    ok = [r for i, r in enumerate(table) if holds(i, r)]
     if not ok:
         best = max((r for r in table if r[1] is not None), key=lambda r: (r[1], r[0]), default=None)
         have = "" if best is None else f"; the most it reached is {_pct(best[1])} at threshold {best[0]:g}"
@@ -124,7 +146,8 @@ def policy_for(info, sensitivity: float | None = None) -> TriagePolicy:
             raise TriageUnavailable("the model's operating points have no default threshold")
         return TriagePolicy(float(d["threshold"]), normal, info.classes.index(normal), d.get("sensitivity"),
                             d.get("specificity"), d.get("referred"), None, fitted_on)
-    t, se, sp, ref = pick_threshold(_check_table(op), sensitivity)[:4]
+    table = _check_table(op)
+    t, se, sp, ref = pick_threshold(table, sensitivity, source_rows(op, table))[:4]
     return TriagePolicy(float(t), normal, info.classes.index(normal), se, sp, ref, sensitivity, fitted_on)
 
 
@@ -183,19 +206,23 @@ def realised(truth_abnormal: Sequence[bool], decisions: Sequence[str | None]) ->
 def compact_rows(op: dict) -> list[list[float]]:
     """At most 12 rows of the table: both ends, the highest threshold reaching each common
     sensitivity (50 % to 100 %), and the default threshold's row."""
-    table = sorted(op.get("table") or [], key=lambda r: -r[0])
+    table = op.get("table") or []
     if not table:
         return []
-    wanted = {table[0][0], table[-1][0]}
+    try:
+        sources = source_rows(op, table)
+    except TriageUnavailable:
+        sources = []
+    wanted = {max(r[0] for r in table), min(r[0] for r in table)}
     for s in (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 1.0):
         try:
-            wanted.add(pick_threshold(table, s)[0])
+            wanted.add(pick_threshold(table, s, sources)[0])
         except TriageUnavailable:
             pass
     d = (op.get("default") or {}).get("threshold")
     if d is not None:
         wanted.add(d)
-    return [r for r in table if r[0] in wanted]
+    return sorted((r for r in table if r[0] in wanted), key=lambda r: -r[0])
 
 
 def format_table(op: dict | None, reason: str | None = None) -> str:
@@ -211,8 +238,11 @@ def format_table(op: dict | None, reason: str | None = None) -> str:
         mark = "  <- default" if t == d.get("threshold") else ""
         lines.append(f"  {t:>10.6g}  {_pct(se):>11}  {_pct(sp):>11}  {_pct(ref):>8}{mark}")
     if d:
-        lines.append(f"  default: highest threshold with validation sensitivity >= {d.get('target_sensitivity')}; "
-                     "--sensitivity S picks another")
+        where = " in every source" if d.get("rule") == "every source" else ""
+        lines.append(f"  default: highest threshold with validation sensitivity >= {d.get('target_sensitivity')}{where}; "
+                     f"--sensitivity S picks another" + (" (also held in every source)" if where else ""))
+    for c, v in (op.get("by_class") or {}).items():
+        lines.append(f"  class {c} ({v.get('n')} films) at the default: referred {_pct(v.get('default'))}")
     for s, v in (op.get("by_source") or {}).items():
         se, sp, ref = (v.get("default") or [None] * 3)[:3]
         lines.append(f"  source {s} ({v.get('n')} films) at the default: sensitivity {_pct(se)}, "

@@ -39,6 +39,10 @@ def bench_triage(policy: TriagePolicy | None, reason: str | None, items: Sequenc
                        "referred": policy.referred},
         "realised": realised(truth, decisions),
         "realised_by_source": by_source if len(by_source) > 1 else {},
+        # every abnormal folder class, the model's or not (Lung_Opacity for a 3-class model)
+        "realised_by_class": {c: realised([True] * sum(1 for it in items if it.label == c),
+                                          [d for it, d in zip(items, decisions) if it.label == c])
+                              for c in sorted({it.label for it in items if it.label.strip().lower() != "normal"})},
     }
 
 
@@ -57,6 +61,8 @@ def format_bench_triage(t: dict | None) -> str:
              f"{_pct(r['sensitivity'])} ({r['n_abnormal']} abnormal), specificity {_pct(r['specificity'])} "
              f"({r['n_normal']} normal), referred {_pct(r['referred'])}; on validation {_pct(v['sensitivity'])}, "
              f"{_pct(v['specificity'])}, {_pct(v['referred'])}"]
+    for c, x in (t.get("realised_by_class") or {}).items():
+        lines.append(f"  class {c}: referred {_pct(x['sensitivity'])} of {x['n_abnormal']}")
     for s, x in (t.get("realised_by_source") or {}).items():
         lines.append(f"  source {s}: sensitivity {_pct(x['sensitivity'])} ({x['n_abnormal']} abnormal), "
                      f"specificity {_pct(x['specificity'])} ({x['n_normal']} normal), referred {_pct(x['referred'])}")

@@ -90,20 +90,49 @@ def _val_set(n=400, seed=0, sources=("site-a", "site-b")):
     return probs, y, src
 
 
-def test_default_threshold_is_the_highest_keeping_the_target_sensitivity():
+def test_default_threshold_is_the_highest_keeping_the_target_sensitivity_in_every_source():
     probs, y, src = _val_set()
     op = opm.build(probs, y, list(CLASSES), src, target=0.98)
     score, abnormal = 1 - probs[:, 1], y != 1
+    srcs = np.array(src)
     t = op["default"]["threshold"]
-    sens = lambda th: (score[abnormal] >= th).mean()  # noqa: E731
+    sens = lambda th, sel=slice(None): (score[sel][abnormal[sel]] >= th).mean()  # noqa: E731
+    assert op["default"]["rule"] == "every source"
+    for s in ("site-a", "site-b"):
+        assert sens(t, srcs == s) >= 0.98, s
     assert sens(t) >= 0.98
-    # t is the abnormal score that sets the 98 %, rounded down to 6 decimals: any threshold
-    # above that score loses sensitivity
-    kth = score[abnormal & (score >= t)].min()
+    # t is the abnormal score of the source that needs the lowest point, rounded down to 6
+    # decimals: just above that score, that source loses its 98 %
+    tight = min(op["default"]["source_thresholds"], key=op["default"]["source_thresholds"].get)
+    sel = srcs == tight
+    kth = score[sel & abnormal & (score >= t)].min()
     assert kth - 1e-6 <= t <= kth
-    assert sens(np.nextafter(kth, 1.0)) < 0.98
+    assert sens(np.nextafter(kth, 1.0), sel) < 0.98
+    # the pooled point alone would be higher here: one site would fall below 98 %
+    assert op["default"]["pooled_threshold"] >= t
     assert op["default"]["sensitivity"] == pytest.approx(sens(t), abs=1e-5)
     assert op["normal_class"] == "Normal" and op["n_abnormal"] == int(abnormal.sum())
+    # each abnormal class's share referred at the default, from the same scores
+    for i, c in enumerate(CLASSES):
+        if c != "Normal":
+            assert op["by_class"][c]["default"] == pytest.approx((score[y == i] >= t).mean(), abs=1e-5)
+
+
+def test_asked_sensitivity_is_held_in_every_source():
+    probs, y, src = _val_set(seed=3)
+    op = opm.build(probs, y, list(CLASSES), src, target=0.98)
+    info = _info(op)
+    score, abnormal, srcs = 1 - probs[:, 1], y != 1, np.array(src)
+    for asked in (0.9, 0.95, 0.99):
+        pol = triage.policy_for(info, asked)
+        for s in ("site-a", "site-b"):
+            sel = (srcs == s) & abnormal
+            assert (score[sel] >= pol.threshold).mean() >= asked, (asked, s)
+        # and it is the highest such threshold among the table's rows
+        higher = [r[0] for r in op["table"] if r[0] > pol.threshold]
+        for th in higher:
+            assert min((score[(srcs == s) & abnormal] >= th).mean() for s in ("site-a", "site-b")) < asked \
+                or (score[abnormal] >= th).mean() < asked
 
 
 def test_table_rates_match_brute_force_overall_and_per_source():

@@ -46,8 +46,14 @@ def rebuild(onnx_path: Path, pixels: np.ndarray) -> tuple[torch.nn.Module, dict]
     proto = onnx.load(str(onnx_path))
     info = decode_props({p.key: p.value for p in proto.metadata_props})
     pp = info.preprocess
-    weights = {i.name.removeprefix("net."): torch.from_numpy(numpy_helper.to_array(i).copy())
-               for i in proto.graph.initializer}
+    # the classifier's tensors sit under "net." (or "base.net." in a graph with the input check and
+    # the map wrapped around it); everything else (the input check's head) has other names
+    weights = {}
+    for i in proto.graph.initializer:
+        for prefix in ("base.net.", "net."):
+            if i.name.startswith(prefix):
+                weights[i.name[len(prefix):]] = torch.from_numpy(numpy_helper.to_array(i).copy())
+                break
     model = build_model(info.arch, num_classes=len(info.classes), in_channels=pp.channels, input_size=pp.size)
     modules = dict(model.named_modules())
     state = model.state_dict()
@@ -126,10 +132,13 @@ def main(argv=None) -> int:
     check = pick(val, args.check_images)
     px = decode_all([p for p, _ in check], pp)
     x = normalize_tensor(to_unit(torch.from_numpy(px)), pp)
+    # a calibrated file divides the logits by its temperature before the softmax (cxr.calibration);
+    # the checkpoint keeps the plain logits, as cxr-train writes them, and cxr-export refits it
+    temperature = float((info.extra.get("calibration") or {}).get("temperature") or 1.0)
     with torch.no_grad():
-        p_torch = torch.softmax(model(x), 1).numpy()
+        p_torch = torch.softmax(model(x) / temperature, 1).numpy()
     sess = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
-    p_onnx = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    p_onnx = sess.run(["probabilities"], {sess.get_inputs()[0].name: x.numpy()})[0]
     diff = float(np.abs(p_torch - p_onnx).max())
     agree = float((p_torch.argmax(1) == p_onnx.argmax(1)).mean())
     print(f"parity on {len(check)} validation images: max |dp| {diff:.2e}, top-1 agreement {100 * agree:.2f} %",

@@ -3,7 +3,10 @@
 Two families: the study's geometry (horizontal flip, +-10 deg rotation, 90-110% zoom), and
 acquisition robustness -- X-rays reach users resized by other filters, re-encoded as JPEG,
 windowed differently -- so training sees random down/up-sampling with varied interpolation,
-mild blur/sharpen, JPEG re-compression and gamma/contrast changes.
+mild blur/sharpen, JPEG re-compression, gamma/contrast changes, per-film level stretching or
+histogram equalisation (some exports stretch each film to its own minimum and maximum, as the
+lung-opacity copy's false-colour round trip did, so the stretch must not identify a source) and
+detector noise.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class AugmentConfig:
     gamma: tuple[float, float] = (0.7, 1.4)
     contrast: tuple[float, float] = (0.8, 1.2)
     brightness: float = 0.08
+    # per-film windowing as other pipelines apply it: min-max stretch (half) or equalisation (half)
+    levels_p: float = 0.2
+    noise_p: float = 0.15
+    noise_sd: tuple[float, float] = (0.005, 0.03)
     robust: bool = True
     # cues outside the lungs (burnt-in letters and markers, borders, collimation edges) differ by
     # source; hiding them at random keeps them from predicting the class
@@ -118,6 +125,27 @@ def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(decoded).to(torch.float32) / 255.0
 
 
+def _levels(x: torch.Tensor, equalize: bool) -> torch.Tensor:
+    """Each film stretched to its own 0.5-99.5 percentile range, or histogram-equalised (256 bins)."""
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    if not equalize:
+        lo = torch.quantile(flat, 0.005, dim=1, keepdim=True)
+        hi = torch.quantile(flat, 0.995, dim=1, keepdim=True)
+        return ((flat - lo) / (hi - lo).clamp_min(1e-3)).clamp_(0, 1).reshape(x.shape)
+    levels = (flat * 255).round_().clamp_(0, 255).long()
+    hist = torch.zeros(b, 256).scatter_add_(1, levels, torch.ones_like(flat))
+    cdf = hist.cumsum(1)
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float("inf"))).min(1, keepdim=True).values
+    lut = ((cdf - cdf_min) / (flat.shape[1] - cdf_min).clamp_min(1)).clamp_(0, 1)
+    return lut.gather(1, levels).reshape(x.shape)
+
+
+def _noise(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    sd = cfg.noise_sd[0] + (cfg.noise_sd[1] - cfg.noise_sd[0]) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+    return (x + sd * torch.randn(x.shape, generator=gen)).clamp_(0, 1)
+
+
 def _erase_cues(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """Random bands along the edges and small blocks in the outer margin, each one flat grey.
 
@@ -173,6 +201,9 @@ def augment_batch(batch_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generat
         idx = _subset(b, p, gen)
         if len(idx):
             x[idx] = op(x[idx])
+    idx = _subset(b, cfg.levels_p, gen)
+    if len(idx):
+        x[idx] = _levels(x[idx].clamp(0, 1), equalize=rng.random() < 0.5)
     idx = _subset(b, cfg.intensity_p, gen)
     if len(idx):
         n = len(idx)
@@ -181,6 +212,9 @@ def augment_batch(batch_u8: torch.Tensor, cfg: AugmentConfig, gen: torch.Generat
         br = torch.empty(n).uniform_(-cfg.brightness, cfg.brightness, generator=gen)
         y = x[idx].clamp(1e-6, 1).pow(torch.exp(lg).view(-1, 1, 1, 1))
         x[idx] = (y - 0.5) * c.view(-1, 1, 1, 1) + 0.5 + br.view(-1, 1, 1, 1)
+    idx = _subset(b, cfg.noise_p, gen)
+    if len(idx):
+        x[idx] = _noise(x[idx].clamp(0, 1), cfg, gen)
     idx = _subset(b, cfg.cue_erase_p, gen)
     if len(idx):
         x[idx] = _erase_cues(x[idx].clamp(0, 1), cfg, gen)

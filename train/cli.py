@@ -30,6 +30,8 @@ from .models import ARCHS
 @click.option("--lr", type=float, default=1e-3, help="Peak AdamW learning rate (after warm-up).")
 @click.option("--weight-decay", type=float, default=0.01)
 @click.option("--warmup-epochs", type=float, default=1.0)
+@click.option("--min-lr-ratio", type=click.FloatRange(0, 1), default=0.01,
+              help="Cosine decay ends at this fraction of the peak; 1 keeps the rate constant (the study's Adam 1e-4).")
 @click.option("--label-smoothing", type=float, default=0.05)
 @click.option("--no-class-weights", is_flag=True, help="Plain cross-entropy (default weighs by inverse training frequency).")
 @click.option("--balance", type=click.Choice(["class", "source-class"]), default="source-class",
@@ -43,7 +45,7 @@ from .models import ARCHS
 @click.option("--split-seed", type=int, help="Seed of the split --data makes (default: --seed); fix it to vary --seed over one test set.")
 @click.option("--split", "split_file", type=click.Path(exists=True, dir_okay=False), help="Reuse a split.json so experiments share one test set.")
 @click.option("--split-fractions", type=(float, float, float), default=(0.70, 0.15, 0.15), help="train val test")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local torchvision state dict (ImageNet); the RGB stem is folded to 1 channel.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="Local weights: a torchvision state dict (ImageNet; the RGB stem is folded to 1 channel, the head skipped) or a cxr-train checkpoint (head rows matched to the classes by name, new classes start fresh).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--threads", type=int, help="torch intra-op threads (default: all cores).")
 @click.option("--workers", type=int, help="Decode threads for the one-time image cache.")
@@ -85,7 +87,7 @@ def main(**kw) -> None:
         cfg = TrainConfig(
             data=list(kw["data"]) or None, out=str(out), arch=kw["arch"], image_size=kw["image_size"], resize=kw["resize"],
             epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], weight_decay=kw["weight_decay"],
-            warmup_epochs=kw["warmup_epochs"], label_smoothing=kw["label_smoothing"],
+            warmup_epochs=kw["warmup_epochs"], min_lr_ratio=kw["min_lr_ratio"], label_smoothing=kw["label_smoothing"],
             class_weights=not kw["no_class_weights"], balance=kw["balance"], select=kw["select"],
             patience=kw["patience"], seed=kw["seed"],
             split_seed=kw["split_seed"],

@@ -221,7 +221,7 @@ def _run(cfg: TrainConfig, info: D.DistInfo) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.arch, num_classes=k, in_channels=pp.channels, input_size=pp.size)
-    pretrained = load_pretrained(model, cfg.arch, cfg.weights) if cfg.weights else None
+    pretrained = load_pretrained(model, cfg.arch, cfg.weights, classes) if cfg.weights else None
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
     n_params = count_parameters(model)

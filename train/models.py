@@ -120,17 +120,52 @@ def fold_rgb_stem(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return summed.repeat(1, in_channels, 1, 1) / in_channels
 
 
-def load_pretrained(model: nn.Module, arch: str, weights_file: "str | Path") -> dict:
-    """Load a local torchvision state dict: fold the stem, skip the class head. Returns a summary."""
+def _head_prefix(model: nn.Module) -> str:
+    """The class head: the last module holding a weight (Linear, or SqueezeNet's 1x1 Conv)."""
+    name = ""
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and not isinstance(m, nn.modules.batchnorm._BatchNorm):
+            name = n
+    return name + "."
+
+
+def _map_head_rows(v: torch.Tensor, own: torch.Tensor, src_classes: list, classes: list) -> "torch.Tensor | None":
+    """A head tensor for ``classes`` from one trained for ``src_classes``: rows of classes both know
+    are copied by name, a new class keeps its fresh initialisation (its bias the mean of the copied
+    biases, so it starts neither favoured nor suppressed). None when no class is shared."""
+    if v.shape[0] != len(src_classes) or own.shape[0] != len(classes) or v.shape[1:] != own.shape[1:]:
+        return None
+    shared = [(classes.index(c), src_classes.index(c)) for c in classes if c in src_classes]
+    if not shared:
+        return None
+    out = own.clone()
+    for i, j in shared:
+        out[i] = v[j]
+    if v.ndim == 1:
+        copied = torch.stack([v[j] for _, j in shared]).mean()
+        for i, c in enumerate(classes):
+            if c not in src_classes:
+                out[i] = copied
+    return out
+
+
+def load_pretrained(model: nn.Module, arch: str, weights_file: "str | Path", classes: "list | None" = None) -> dict:
+    """Load local weights: a torchvision state dict (stem folded, class head skipped) or a
+    cxr-train checkpoint, whose head rows are matched to ``classes`` by name -- a 3-class model
+    fine-tuned to 4 classes keeps what it knew of its 3 and learns the fourth. Returns a summary."""
     path = Path(weights_file)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
+    src_classes = None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if isinstance(state.get("classes"), (list, tuple)):
+            src_classes = [str(c) for c in state["classes"]]
         state = state["state_dict"]
     own = model.state_dict()
     stem_key = _stem_path(arch) + ".weight"
-    loaded, skipped = [], []
+    head = _head_prefix(model)
+    loaded, skipped, mapped = [], [], []
     new_state = {}
     for k, v in state.items():
         if k not in own:
@@ -138,15 +173,24 @@ def load_pretrained(model: nn.Module, arch: str, weights_file: "str | Path") -> 
             continue
         if k == stem_key and v.ndim == 4 and v.shape[1] != own[k].shape[1]:
             v = fold_rgb_stem(v, own[k].shape[1])
-        if v.shape != own[k].shape:
-            skipped.append(k)  # the class head of an ImageNet model
-            continue
+        if v.shape != own[k].shape or (k.startswith(head) and src_classes and classes and src_classes != list(classes)):
+            rows = (_map_head_rows(v, own[k], src_classes, list(classes))
+                    if k.startswith(head) and src_classes and classes else None)
+            if rows is None:
+                skipped.append(k)  # the class head of an ImageNet model
+                continue
+            v = rows
+            mapped.append(k)
         new_state[k] = v
         loaded.append(k)
     if not loaded:
         raise ValueError(f"{path} shares no tensors with {arch}; is it a torchvision {arch} state dict?")
     model.load_state_dict(new_state, strict=False)
-    return {"file": str(path), "loaded": len(loaded), "skipped": skipped, "stem_folded": stem_key in new_state}
+    summary = {"file": str(path), "loaded": len(loaded), "skipped": skipped, "stem_folded": stem_key in new_state}
+    if mapped:
+        summary["head_classes"] = {"from": src_classes, "to": list(classes),
+                                   "new": [c for c in classes if c not in src_classes]}
+    return summary
 
 
 def count_parameters(model: nn.Module) -> int:
