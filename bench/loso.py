@@ -62,7 +62,7 @@ def one_run(name: str, train_dirs: list[Path], out: Path, args) -> Path:
 def bench(model: Path, dirs: list[Path], json_out: Path, log: Path, split: Path | None = None) -> dict:
     if not json_out.is_file():
         cmd = ["cxr-infer", "bench", *map(str, dirs), "--model", str(model), "--json", str(json_out),
-               "--runs", "10", "--threads", str(args_threads)]
+               "--runs", "10", "--threads", str(args_threads), "--workers", "1"]
         if split is not None:
             cmd += ["--split", str(split)]
         run(cmd, log)
