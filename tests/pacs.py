@@ -61,12 +61,12 @@ def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.2):
 class Orthanc:
     """One Orthanc process with its own config, storage and loopback ports."""
 
-    def __init__(self, root: Path, aet: str = "PACS"):
+    def __init__(self, root: Path, aet: str = "PACS", dicom_port: int | None = None):
         binary = shutil.which("Orthanc") or shutil.which("orthanc")
         if not binary:
             pytest.skip(f"Orthanc not found ({INSTALL})")
         self.aet, self.root = aet, root
-        self.dicom_port, self.http_port = free_port(), free_port()
+        self.dicom_port, self.http_port = dicom_port or free_port(), free_port()
         root.mkdir(parents=True, exist_ok=True)
         config = {
             "Name": "cxr-test-pacs", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),

@@ -25,6 +25,11 @@ def _logger(state):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # pydicom's warnings about odd values: into the log, with a time stamp
+    warnings_log = logging.getLogger("py.warnings")
+    warnings_log.propagate = False
+    for handler in log.handlers:
+        warnings_log.addHandler(handler)
     return log
 
 

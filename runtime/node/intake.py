@@ -11,6 +11,7 @@ Limits: at most ``MAX_PIXELS`` (the scan's 80 MP decompression-bomb limit) over 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..imageio import MAX_PIXELS
@@ -37,6 +38,14 @@ NAMES = {OUT_OF_RESOURCES: "out of resources", NOT_SUPPORTED: "SOP class not sup
          TOO_LARGE: "image too large"}
 
 
+_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def valid_uid(text: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): digits and dots, no leading zeros, at most 64 characters."""
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
 @dataclass(frozen=True)
 class Refusal:
     status: int
@@ -60,11 +69,12 @@ def check_film(ds, transfer_syntax: str, encoded_bytes: int) -> Refusal | None:
     if sop_class not in FILM_SOP_CLASSES:
         return Refusal(NOT_SUPPORTED, f"SOP class {sop_class or '(none)'} is not a CR or DX film; this node "
                                       "classifies CR and DX images only")
-    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-    if not sop_uid or len(sop_uid) > 64:
-        return Refusal(DOES_NOT_MATCH, "missing or over-long SOPInstanceUID")
-    if not str(ds.get("StudyInstanceUID", "") or ""):
-        return Refusal(DOES_NOT_MATCH, "missing StudyInstanceUID (a result needs a study to go into)")
+    for keyword in ("SOPInstanceUID", "StudyInstanceUID"):  # the result's UIDs and study come from these
+        uid = str(ds.get(keyword, "") or "")
+        if not uid:
+            return Refusal(DOES_NOT_MATCH, f"missing {keyword} (a result needs a film and a study to go into)")
+        if not valid_uid(uid):
+            return Refusal(DOES_NOT_MATCH, f"{keyword} is not a valid UID (digits and dots, at most 64)")
     if encoded_bytes > MAX_DATASET_BYTES:
         return Refusal(TOO_LARGE, f"dataset is {encoded_bytes / 1e6:.0f} MB, over the "
                                   f"{MAX_DATASET_BYTES / 1e6:.0f} MB limit")

@@ -86,14 +86,14 @@ class Node:
         from pynetdicom import evt
 
         return [(evt.EVT_C_ECHO, self.on_echo), (evt.EVT_C_STORE, self.on_store),
-                (evt.EVT_REQUESTED, self.on_requested)]
+                (evt.EVT_REJECTED, self.on_rejected)]
 
-    def on_requested(self, event) -> None:
-        calling = event.assoc.requestor.ae_title
+    def on_rejected(self, event) -> None:
+        calling = str(event.assoc.requestor.ae_title).strip()
         peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
-        if self.allow and calling.strip() not in self.allow:
-            log.warning("refused association from %s at %s: calling AE title not in --allow (%s)",
-                        _text(calling), peer, ", ".join(self.allow))
+        why = ("calling AE title not in --allow (" + ", ".join(self.allow) + ")"
+               if self.allow and calling not in self.allow else "too many associations at once, or a bad request")
+        log.warning("refused association from %s at %s: %s", _text(calling), peer, why)
 
     def on_echo(self, event) -> int:
         log.info("C-ECHO from %s", _text(event.assoc.requestor.ae_title))
