@@ -10,11 +10,13 @@ A torn last ledger line (a kill during its write) is dropped the same way.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from typing import Any
 
-from .output import CsvWriter, JsonlWriter
+from .csv_formula import guard_cell
+from .output import CsvWriter, JsonlWriter, columns
 
 
 class RowLog:
@@ -33,6 +35,12 @@ class RowLog:
         elif exists:  # rows but no ledger: nothing recorded as done, start the file again
             os.truncate(results_path, 0)
             exists = False
+        if exists and fmt == "csv":
+            with open(results_path, newline="", encoding="utf-8", errors="replace") as fh:
+                head = next(csv.reader(fh), [])
+            if head != [guard_cell(c) for c in columns(classes)]:
+                raise ValueError(f"{results_path} has other columns ({', '.join(head)}): rows of another model; "
+                                 "use a new results file")
         self._stream = open(results_path, "a", encoding="utf-8", errors="backslashreplace", newline="")
         if fmt == "csv":
             self._writer = CsvWriter(self._stream, classes, header=not exists)
