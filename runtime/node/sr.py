@@ -119,7 +119,19 @@ def build_sr(film, result, classes: list[str], algorithm: Algorithm, uids: dict[
         is_complete=True, is_final=False, is_verified=False)
     sr.SeriesDescription = SERIES_DESCRIPTION
     sr.SoftwareVersions = f"cxr-infer {__version__}"
+    sr.CodingSchemeIdentificationSequence = [_private_scheme()]
     return sr
+
+
+def _private_scheme():
+    """Declares the private coding scheme 99CXR (PS3.3 C.12.1.1.3.1), so a reader knows whose it is."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "cxr-infer result codes"
+    item.CodingSchemeResponsibleOrganization = "cxr-infer (docs/dicom-node.md)"
+    return item
 
 
 def _instance_number(film) -> int:
