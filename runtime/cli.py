@@ -286,6 +286,14 @@ def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, 
                            split=split, subset=subset, sensitivity=sensitivity, not_xray=not_xray))
 
 
+# Long-running ways in, each in its own module (click only at import): docs/dicom-node.md
+from .node.commands import listen  # noqa: E402
+from .watch import watch  # noqa: E402
+
+cli.add_command(listen)
+cli.add_command(watch)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``cxr-infer``)."""
     cli.main(args=argv, prog_name="cxr-infer")

@@ -91,14 +91,15 @@ def _csv_cell(v: Any) -> str:
 
 
 class CsvWriter(Writer):
-    def __init__(self, stream, classes):
+    def __init__(self, stream, classes, header: bool = True):
         super().__init__(stream, classes)
         self._csv = csv.writer(stream, lineterminator="\n")
         # csv quotes a field holding the line terminator ("\n") but not a lone "\r", which
         # readers take as a line break: a row with a "\r" in a file name is quoted in full
         self._csv_quote_all = csv.writer(stream, lineterminator="\n", quoting=csv.QUOTE_ALL)
-        self._csv.writerow([guard_cell(c) for c in self.columns])  # class names come from the model file
-        stream.flush()
+        if header:  # False: appending to a file that has it (watch, listen)
+            self._csv.writerow([guard_cell(c) for c in self.columns])  # class names come from the model file
+            stream.flush()
 
     def _write(self, rec):
         cells = [_csv_cell(rec[c]) for c in self.columns]

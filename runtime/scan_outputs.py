@@ -145,6 +145,13 @@ class ScanOutputs:
                 self._collect_one()
         finally:
             self._pool.shutdown(wait=True)
+        return self.write_page(stats, latency, latency_text)
+
+    def write_page(self, stats: Any, latency: dict, latency_text: str) -> int | None:
+        """Write the page with every row so far, once their drawings are done (``watch`` rewrites
+        it after each batch); returns its size, or None without ``--html``."""
+        while self._pending:
+            self._collect_one()
         if not self.html_path:
             return None
         from .review_page import model_summary, write_page
