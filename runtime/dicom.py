@@ -1,7 +1,8 @@
 """DICOM -> 8-bit grayscale, the way a radiologist's viewer would show it.
 
 Order follows the DICOM display pipeline: stored values -> modality LUT / rescale slope and
-intercept -> VOI LUT or window centre/width -> stretch to 8 bits -> invert MONOCHROME1 (where
+intercept -> window centre/width mapped onto 0..255 as a viewer does (or a VOI LUT, then a
+stretch to 8 bits; no window at all: the film's own range stretched) -> invert MONOCHROME1 (where
 high values mean dark) so every image reaches the model with bone bright, as in the PNGs it
 was trained on. pydicom is the optional ``dicom`` extra; without it a DICOM file becomes an
 error row that says what to install.
@@ -91,13 +92,43 @@ def read_dicom(path: "str | os.PathLike[str]") -> tuple[Image.Image, dict[str, s
         return array_to_gray8(arr), header, spread
     try:
         arr = apply_modality_lut(arr, ds)
-        arr = apply_voi_lut(arr, ds)
+        shown = _linear_window(arr, ds)
+        if shown is None:
+            arr = apply_voi_lut(arr, ds)
     except Exception as exc:
         raise ImageReadError(f"invalid DICOM LUT/windowing: {exc or exc.__class__.__name__}") from None
-    img = array_to_gray8(np.asarray(arr))
+    img = Image.fromarray(shown, mode="L") if shown is not None else array_to_gray8(np.asarray(arr))
     if photometric == "MONOCHROME1":
         img = Image.fromarray(255 - np.asarray(img, dtype=np.uint8), mode="L")
     return img, header, None
+
+
+def _first(value) -> float:
+    """A multi-valued window (several presets): the first, the one viewers open on."""
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        value = value[0]
+    return float(value)
+
+
+def _linear_window(arr: np.ndarray, ds) -> "np.ndarray | None":
+    """The window as a viewer shows it: centre/width mapped linearly onto 0..255 (PS3.3
+    C.11.2.1.2.1), values outside clipped. The window, not the film's own extremes, sets the grey
+    scale: a min-max stretch after windowing would make a film's look depend on whether a few
+    pixels (a marker, padding) fall outside the window. None when there is no plain linear
+    window (a VOI LUT sequence or a SIGMOID function go through pydicom and the stretch)."""
+    if "VOILUTSequence" in ds or "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    if str(ds.get("VOILUTFunction", "LINEAR")).strip().upper() not in ("", "LINEAR"):
+        return None
+    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    if not (np.isfinite(c) and np.isfinite(w)) or w < 1:
+        raise ValueError(f"window width {w} is not a width (PS3.3 requires >= 1)")
+    a = np.asarray(arr, dtype=np.float64)
+    if w == 1:
+        y = (a > c - 0.5).astype(np.float64)
+    else:
+        y = np.clip((a - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    return np.round(y * 255.0).astype(np.uint8)
 
 
 def _rgb_spread(arr: np.ndarray) -> float | None:
