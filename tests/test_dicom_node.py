@@ -212,6 +212,8 @@ def test_films_in_sr_out_in_their_study(tmp_path, pacs, cam_model, nodes, classi
     assert sorted(r["path"] for r in rows) == sorted(by_film)
     lateral_row = next(r for r in rows if r["path"] == l.SOPInstanceUID)
     assert lateral_row["qc"] == "not_frontal" and lateral_row["prediction"] == "" and lateral_row["triage"] == "refer"
+    assert f"classified film {l.SOPInstanceUID}: withheld (qc not_frontal" in node.full_log(), \
+        "a withheld film must be reported in the node's log"
 
     # the heatmap captures: valid, labelled, in the film's study, burnt-in annotation declared
     for inst in pacs.instances("OT"):
