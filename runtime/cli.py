@@ -3,11 +3,12 @@
 Only click is imported at module level; numpy, Pillow and onnxruntime load inside the commands,
 so ``cxr-infer --help`` answers instantly. Other commands (e.g. ``bench``) register on ``cli``.
 
-Exit status: 0 every file classified, 1 some files became error rows (output still complete),
-2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 3 every file was
-read but the input check found some that are not frontal chest X-rays (``not_chest_xray`` or
-``not_frontal``: no prediction shown for them), 130 interrupted (Ctrl-C, or the reader of stdout
-went away); finished rows are kept either way. 1 wins over 3; ``unfamiliar`` rows keep exit 0.
+Exit status: 0 every file was read (rows the input check withheld included: the scan did its
+job, and the summary says how many), 1 some files became error rows (output still complete),
+2 usage or model errors (bad option, missing/invalid model, CUDA unavailable), 3 only with
+``scan --strict``: every file was read but some rows show no prediction (input check), 130
+interrupted (Ctrl-C, or the reader of stdout went away); finished rows are kept either way.
+1 wins over 3.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import click
 from . import __version__
 
 EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_NOT_CHEST_XRAY = 3  # some inputs were flagged by the input check and show no prediction
+EXIT_NOT_CHEST_XRAY = 3  # scan --strict: some rows were withheld by the input check
 FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
 
 
@@ -97,15 +98,18 @@ precision_option = click.option(
 @click.option("--show-unfamiliar", is_flag=True, default=False,
               help="Show the prediction of rows the input check calls 'unfamiliar' (unlike the training X-rays; "
                    "possibly not a chest). Default: withheld like every flagged row.")
+@click.option("--strict", is_flag=True, default=False,
+              help="Exit 3 when the input check withheld the prediction of any row (for scripts that must "
+                   "stop on them). Default: exit 0; the summary says how many were withheld.")
 @click.pass_context
 def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity,
-         heatmaps_dir=None, html_path=None, show_unfamiliar=False):
+         heatmaps_dir=None, html_path=None, show_unfamiliar=False, strict=False):
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
-    report go to stderr. Exit 0: all classified; 1: some error rows; 2: usage/model error;
-    3: the input check flagged some inputs (not a frontal chest X-ray, or unlike the training
-    X-rays) and no prediction is shown for them.
+    report go to stderr. Exit 0: every file read, including rows the input check withheld (the
+    summary counts them); 1: some error rows; 2: usage/model error; 3: with --strict, some rows
+    show no prediction (not a frontal chest X-ray, or unlike the training X-rays).
     """
     from .engine import ScanStats, default_threads, default_workers, iter_scan
 
@@ -207,7 +211,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
         ctx.exit(EXIT_INTERRUPTED)
     if stats.errors:
         ctx.exit(EXIT_SOME_ERRORS)
-    ctx.exit(EXIT_NOT_CHEST_XRAY if stats.withheld else EXIT_OK)
+    ctx.exit(EXIT_NOT_CHEST_XRAY if strict and stats.withheld else EXIT_OK)
 
 
 def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:

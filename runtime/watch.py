@@ -104,7 +104,8 @@ def watch(folder, output, heatmaps_dir, html_path, interval, settle, once, model
           batch_size, sensitivity, show_unfamiliar):
     """Watch FOLDER (sub-folders too) and classify each X-ray that lands in it, once it has stopped
     growing; rows are appended to --output as scan writes them. A restart goes on where it
-    stopped, never classifying a file twice. Stop with Ctrl-C or SIGTERM (exit 0)."""
+    stopped, never classifying a file twice. Each file gets a line on stderr: its class, "withheld
+    (<verdict>)" or the error, so problems show in the log. Stop with Ctrl-C or SIGTERM (exit 0)."""
     if output.lower().endswith(".json"):
         raise click.BadParameter("a JSON array cannot be appended to; use .csv or .jsonl", param_hint="--output")
     sys.exit(run_watch(folder, output, heatmaps_dir=heatmaps_dir, html_path=html_path, interval=interval,
@@ -199,8 +200,8 @@ def run_watch(folder, output, *, heatmaps_dir, html_path, interval, settle, once
         if outputs is not None:
             rep = build_report(model, stats, batch_size=batch_size, workers=1)
             outputs.finish(stats, rep, format_report(rep))
-    click.echo(f"watch stopped: {stats.ok} classified, {stats.errors} errors this run; {len(rows.done)} done in all",
-               err=True)
+    click.echo(f"watch stopped: {stats.ok} classified ({stats.withheld} withheld by the input check), "
+               f"{stats.errors} errors this run; {len(rows.done)} done in all", err=True)
     return EXIT_OK
 
 

@@ -61,7 +61,10 @@ def wait_for(what: str, check, timeout: float = 60.0, interval: float = 0.2):
 class Orthanc:
     """One Orthanc process with its own config, storage and loopback ports."""
 
-    def __init__(self, root: Path, aet: str = "PACS", dicom_port: int | None = None):
+    def __init__(self, root: Path, aet: str = "PACS", dicom_port: int | None = None, *, modalities: dict | None = None,
+                 lua: str | None = None, **options):
+        """``modalities``: Orthanc's DicomModalities; ``lua``: a Lua script's text, loaded as LuaScripts;
+        ``options``: more orthanc.json settings, overriding the defaults."""
         binary = shutil.which("Orthanc") or shutil.which("orthanc")
         if not binary:
             pytest.skip(f"Orthanc not found ({INSTALL})")
@@ -73,9 +76,12 @@ class Orthanc:
             "DicomAet": aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
             "DicomServerEnabled": True, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True, "Plugins": [], "DicomModalities": {}, "StableAge": 1,
-            "OverwriteInstances": False,
+            "DicomAlwaysAllowEcho": True, "Plugins": [], "DicomModalities": modalities or {}, "StableAge": 1,
+            "OverwriteInstances": False, **options,
         }
+        if lua is not None:
+            (root / "scripts.lua").write_text(lua)
+            config["LuaScripts"] = [str(root / "scripts.lua")]
         self.config = root / "orthanc.json"
         self.config.write_text(json.dumps(config, indent=2))
         self.log = open(root / "orthanc.log", "wb")
@@ -94,11 +100,18 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as r:
             return json.loads(r.read())
 
-    def post(self, path: str, body) -> object:
+    def post(self, path: str, body, timeout: float = 10) -> object:
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
+
+    def upload(self, path: Path) -> str:
+        """Store a DICOM file over the REST API (``POST /instances``); returns its Orthanc ID."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/instances", data=Path(path).read_bytes(),
+                                     headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["ID"]
 
     def instances(self, modality: str | None = None, study_uid: str | None = None) -> list[dict]:
         """Instances (with their main tags) in Orthanc, optionally by series modality and study."""

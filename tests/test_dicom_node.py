@@ -1,5 +1,6 @@
 """``cxr-infer listen`` against real components: Orthanc as the PACS (its own config file,
-loopback ports), dcmtk's storescu/echoscu as the modality, dicom3tools' dciodvfy on every SR and
+loopback ports), dcmtk's storescu/echoscu as the modality (and, in one test, Orthanc itself
+forwarding films, configured as docs/dicom-node.md shows), dicom3tools' dciodvfy on every SR and
 highdicom reading them back. Skips, saying why, when one of them is not installed."""
 
 from __future__ import annotations
@@ -212,6 +213,8 @@ def test_films_in_sr_out_in_their_study(tmp_path, pacs, cam_model, nodes, classi
     assert sorted(r["path"] for r in rows) == sorted(by_film)
     lateral_row = next(r for r in rows if r["path"] == l.SOPInstanceUID)
     assert lateral_row["qc"] == "not_frontal" and lateral_row["prediction"] == "" and lateral_row["triage"] == "refer"
+    assert f"classified film {l.SOPInstanceUID}: withheld (qc not_frontal" in node.full_log(), \
+        "a withheld film must be reported in the node's log"
 
     # the heatmap captures: valid, labelled, in the film's study, burnt-in annotation declared
     for inst in pacs.instances("OT"):
@@ -378,3 +381,94 @@ def test_results_wait_for_a_pacs_that_is_down_and_survive_kill_9(tmp_path, cam_m
         assert node.terminate() == 0
     finally:
         pacs.stop()
+
+
+def orthanc_setup_from_doc() -> tuple[dict, str, str]:
+    """The Orthanc settings, Lua script and hand-send body that docs/dicom-node.md shows, so that
+    this test runs what the doc tells a site to deploy."""
+    import json
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dicom-node.md").read_text()
+    part = doc[doc.index("**Orthanc** (`orthanc.json`)"):doc.index("**dcm4chee-arc 5**")]
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"```(\w+)\n(.*?)```", part, re.S)}
+    assert set(blocks) == {"json", "lua", "bash"}, f"the doc's Orthanc section changed shape: {sorted(blocks)}"
+    settings = json.loads("{" + blocks["json"] + "}")
+    body = re.search(r"-d '(\{.*\})'", blocks["bash"])
+    assert body, f"no JSON body in the doc's hand-send command:\n{blocks['bash']}"
+    return settings, blocks["lua"], body.group(1)
+
+
+def test_orthanc_forwards_films_to_the_node_and_gets_one_sr_each(tmp_path, cam_model, nodes):
+    """PACS -> node -> SR back into the PACS, the way a site deploys it: Orthanc, configured as
+    docs/dicom-node.md shows, forwards each film on arrival (Lua) or by hand (REST)."""
+    import urllib.error
+
+    settings, lua, hand_body = orthanc_setup_from_doc()
+    (name, (node_aet, _host, _port)), = settings["DicomModalities"].items()
+    node_port = free_port()
+    # The doc's settings, on loopback, with DicomAlwaysAllowStore off: the node being listed in
+    # DicomModalities must be enough for its results to be stored (the doc says so).
+    pacs = Orthanc(tmp_path / "orthanc", aet="ORTHANC", lua=lua,
+                   modalities={name: [node_aet, "127.0.0.1", node_port]}, DicomAlwaysAllowStore=False)
+    try:
+        study_a, study_b = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        films = {"early": write_film(tmp_path / "early.dcm", chest_pixels(21), study_uid=study_b, sop_class=CR),
+                 "frontal": write_film(tmp_path / "frontal.dcm", chest_pixels(22), study_uid=study_a),
+                 "lateral": write_film(tmp_path / "lateral.dcm", chest_pixels(23), study_uid=study_a,
+                                       ViewPosition="LL")}
+        sop = {k: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for k, p in films.items()}
+        study_of = {"early": study_b, "frontal": study_a, "lateral": study_a}
+
+        # a film that lands while the node is down: Orthanc's one forwarding attempt fails, no retry
+        early = pacs.upload(films["early"])
+        wait_for("Orthanc to log its failed forward", lambda: f"Unable to send instance {early}"
+                 in (pacs.root / "orthanc.log").read_text(errors="replace"), timeout=60)
+
+        node = Node(tmp_path / "state", pacs.address, cam_model, "--allow", pacs.aet, "--allow", "ECHOSCU",
+                    port=node_port, aet=node_aet)  # ECHOSCU: Node's readiness probe
+        nodes.append(node)
+        for k in ("frontal", "lateral"):  # forwarded on arrival by the doc's Lua script
+            pacs.upload(films[k])
+        wait_for("the 2 forwarded films' SRs in their study", lambda: len(srs_in(pacs, study_a)) == 2, timeout=180)
+        assert "refused film" not in node.full_log(), \
+            f"the Lua script forwarded something that is not a film (the node's own SR?):\n{node.full_log()}"
+
+        # by hand, with the doc's command: the study that missed its forward
+        def orthanc_id(study):
+            found, = pacs.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study}})
+            return found
+
+        sent = pacs.post(f"/modalities/{name}/store", json_body(hand_body, orthanc_id(study_b)), timeout=120)
+        assert sent["InstancesCount"] == 1, sent
+        wait_for("the hand-sent film's SR", lambda: len(srs_in(pacs, study_b)) == 1, timeout=180)
+
+        # study A again, which now holds the node's 2 SRs beside its 2 films: without "Permissive"
+        # Orthanc gives up at the first SR the node refuses (0x0122); with it, every instance goes
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            pacs.post(f"/modalities/{name}/store", [orthanc_id(study_a)], timeout=120)
+        assert refused.value.code == 500 and "0x0122" in refused.value.read().decode(errors="replace")
+        before = len(node.full_log())
+        sent = pacs.post(f"/modalities/{name}/store", json_body(hand_body, orthanc_id(study_a)), timeout=120)
+        assert sent["InstancesCount"] == 4, sent
+        tail = node.full_log()[before:]
+        assert tail.count("0x0122 SOP class not supported") == 2, tail
+        assert all(f"film {sop[k]} from {pacs.aet} already classified" in tail for k in ("frontal", "lateral")), tail
+
+        # exactly one SR per film, in the film's study, and one row per film
+        refs = []
+        for inst in srs_in(pacs):
+            sr, _ = read_sr(pacs, inst, tmp_path)
+            ref = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+            refs.append((ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID, sr.StudyInstanceUID))
+        assert sorted(refs) == sorted((sop[k], study_of[k]) for k in sop), "each film: one SR, in its own study"
+        assert sorted(r["path"] for r in csv_rows(node.state)) == sorted(sop.values()), "one row per film"
+        assert node.terminate() == 0
+    finally:
+        pacs.stop()
+
+
+def json_body(template: str, orthanc_id: str):
+    import json
+
+    return json.loads(template.replace("<orthanc study id>", orthanc_id))

@@ -105,7 +105,7 @@ def test_scan_and_api_withhold_a_misoriented_film(tmp_path, tiny_model_path):
         assert r.qc == MISORIENTED and r.prediction.diagnosis_withheld and r.triage == "refer"
     assert "inverted" in got["b_inverted.png"].prediction.qc_detail
     assert clf.classify(Image.fromarray(255 - film)).qc == MISORIENTED  # the Python API, from a PIL image
-    res = run("scan", d, "--model", model, "--format", "csv")
+    res = run("scan", d, "--model", model, "--format", "csv", "--strict")
     assert res.exit_code == EXIT_NOT_CHEST_XRAY and "2 misoriented" in res.stderr
 
 

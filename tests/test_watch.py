@@ -143,6 +143,19 @@ def test_heatmaps_and_review_page(tmp_path, cam_model):
     assert "x.png" in page and "y.png" in page
 
 
+def test_withheld_and_unreadable_files_are_logged_and_do_not_stop_it(tmp_path, cam_model):
+    inbox, out = tmp_path / "inbox", tmp_path / "results.csv"
+    png(inbox / "a.png", 128)
+    Image.new("L", (64, 64), 128).save(inbox / "blank.png")  # no structure: not_chest_xray by the pixel checks
+    (inbox / "empty.png").write_bytes(b"")
+    res = run_once(inbox, out, cam_model)  # exit 0 whatever the films were
+    log = res.stderr.splitlines()
+    assert any(x.endswith("blank.png: withheld (not_chest_xray)") for x in log), res.stderr
+    assert any("empty.png: error: " in x for x in log), res.stderr
+    assert "2 classified (1 withheld by the input check), 1 errors this run" in res.stderr
+    assert len(rows(out)) == 3
+
+
 def test_rowlog_drops_a_row_whose_ledger_line_never_made_it(tmp_path, classifier):
     from cxr.runtime.engine import ScanResult
     from cxr.runtime.rowlog import RowLog
