@@ -167,7 +167,8 @@ def worker_cores() -> int:
     try:
         from distributed import get_worker
 
-        return max(1, int(get_worker().state.nthreads))
+        worker = get_worker()
+        return max(1, int(getattr(getattr(worker, "state", worker), "nthreads", None) or worker.nthreads))
     except Exception:
         from .cpu import physical_cores
 
@@ -309,6 +310,8 @@ class ShardedOutput:
             self._emit(head)
             return
         self.ledger_path = path + LEDGER_SUFFIX
+        if resume and fmt == "json":
+            raise ClusterError("--resume cannot append to a JSON array; use --format csv or jsonl (or .csv/.jsonl)")
         if resume and os.path.exists(self.ledger_path):
             self._reopen(header)
         else:
@@ -349,8 +352,6 @@ class ShardedOutput:
         os.fsync(self.ledger.fileno())
 
     def _reopen(self, header: dict) -> None:
-        if self.fmt == "json":
-            raise ClusterError("--resume cannot append to a JSON array; use --format csv or jsonl (or .csv/.jsonl)")
         with open(self.ledger_path, encoding="utf-8") as fh:
             lines = []
             for text in fh:
