@@ -256,22 +256,66 @@ def test_a_worker_that_cannot_see_the_files_is_named(cluster, tiny_model_path):
             fut.result(timeout=RUN_TIMEOUT)
 
 
-def test_review_page_and_heatmap_names_as_a_local_scan(tmp_path, cluster, archive, tiny_model_path):
+def test_review_page_and_heatmaps_as_a_local_scan(tmp_path, cluster, archive):
+    """The workers draw heatmaps and thumbnails into the (shared) output folders; the page is the
+    local scan's: the same rows in the same order, the same file names."""
+    from tiny_cam_model import build_tiny_cam_model
+
     address, _ = cluster
+    cam = build_tiny_cam_model(tmp_path / "cam.onnx")
     loc, cl = tmp_path / "loc", tmp_path / "cl"
-    r1 = cxr("scan", archive / "good", "--model", tiny_model_path, "-o", tmp_path / "a.csv", "--html",
-             loc / "page.html")
-    r2 = cxr("scan", archive / "good", "--model", tiny_model_path, "-o", tmp_path / "b.csv", "--html",
-             cl / "page.html", "--scheduler", address, "--shard-size", 3)
+    common = ("scan", archive / "good", archive / "bad", "--model", cam)
+    r1 = cxr(*common, "-o", tmp_path / "a.csv", "--html", loc / "page.html", "--heatmaps", loc / "maps")
+    r2 = cxr(*common, "-o", tmp_path / "b.csv", "--html", cl / "page.html", "--heatmaps", cl / "maps",
+             "--scheduler", address, "--shard-size", 3)
     assert r2.returncode == r1.returncode, r2.stderr.decode()
-    names = sorted(os.listdir(loc / "page_files"))
-    assert names and sorted(os.listdir(cl / "page_files")) == names
-    assert b"review page:" in r2.stderr
-    # the same rows in the page (same order, same thumbnails), only the latency block differs
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    for sub in ("page_files", "maps"):
+        names = sorted(os.listdir(loc / sub))
+        assert names and sorted(os.listdir(cl / sub)) == names
+    assert b"review page:" in r2.stderr and b"drawn by the workers" in r2.stderr
+
     def rows(page):
         text = page.read_text(encoding="utf-8")
-        return text.count('"th":'), text.count('"p":')
+        start = text.index(">", text.index('<script type="application/json"')) + 1
+        return json.loads(text[start:text.index("</script>", start)])["rows"]
+
     assert rows(cl / "page.html") == rows(loc / "page.html")
+
+
+def test_ctrl_c_keeps_finished_shards_and_resume_completes(tmp_path, cluster, tiny_model_path):
+    address, _ = cluster
+    folder = tmp_path / "big"
+    folder.mkdir()
+    Image.fromarray(shaded(1200, 1200, 60)).save(folder / "000.png")
+    for i in range(1, 120):
+        shutil.copy(folder / "000.png", folder / f"{i:03d}.png")
+    local = local_scan(tmp_path, tiny_model_path, [folder])
+    out = tmp_path / "c.csv"
+    ledger = Path(str(out) + ".shards.jsonl")
+    args = ["scan", folder, "--model", tiny_model_path, "-o", out, "--scheduler", address, "--shard-size", 6]
+    scan = subprocess.Popen([sys.executable, "-m", "cxr.runtime.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while scan.poll() is None and time.monotonic() < deadline:
+            if ledger.exists() and len(ledger.read_text().splitlines()) >= 3:
+                scan.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.05)
+        _, stderr = scan.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if scan.poll() is None:
+            scan.kill()
+    assert scan.returncode == 130, stderr.decode()
+    assert b"scan interrupted" in stderr
+    written = out.read_bytes()
+    ends = [json.loads(x)["end"] for x in ledger.read_text().splitlines()[1:]]
+    assert 2 <= len(ends) < 20 and len(written) == ends[-1]  # every finished shard, no partial one
+    assert local.read_bytes().startswith(written)
+    r = cxr(*args, "--resume")
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == local.read_bytes()
 
 
 def test_usage_errors(tmp_path, tiny_model_path, archive):
