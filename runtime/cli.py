@@ -118,7 +118,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
 
     if threads is None:
         threads = default_threads(device, workers)
-    model = _load(ctx, model_path, device, threads, precision)
+    # a cluster's workers open the model on --device; here it only tells the classes and the outputs
+    model = _load(ctx, model_path, "cpu" if scheduler else device, threads, precision)
     from .discover import iter_inputs
     from .latency import build_report, format_report, write_report
     from .output import Progress, format_for_output, format_summary, make_writer
@@ -153,7 +154,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
     if scheduler or shard_size or resume:
         ctx.exit(_scan_on_cluster(ctx, scheduler, shard_size, resume, paths=paths, model=model, model_path=model_path,
-                                  precision=precision, device=device, batch_size=batch_size, threads=threads,
+                                  precision=precision, device=device, batch_size=batch_size,
+                                  threads=ctx.params["threads"],  # as given: the default is each worker's
                                   workers=workers, policy=policy, no_triage=no_triage, fmt=fmt, output=output,
                                   report=report, outputs=outputs, heatmaps_dir=heatmaps_dir, html_path=html_path,
                                   show_unfamiliar=show_unfamiliar))

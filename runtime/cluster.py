@@ -217,6 +217,7 @@ def worker_model(spec: ModelSpec):
             raise WorkerModelError(f"worker {_where()}: {exc}") from None
         facts = {"worker": _where(), "host": socket.gethostname(), "pid": os.getpid(), "cores": cores,
                  "intra_op_threads": threads or "auto", "decode_workers": decoders,
+                 "providers": list(model.providers),
                  "model_load_ms": model.load_ms, "session_create_ms": model.session_create_ms,
                  "first_inference_ms": model.first_inference_ms}
         _CACHE.clear()  # a new model replaces the old one: one session per worker
@@ -456,7 +457,7 @@ def run_shards(client, job: ShardJob, shards: Iterator[Shard], out: ShardedOutpu
     waiting: dict[int, tuple] = {}  # finished ahead of an earlier shard: index -> (shard, payload)
     source = iter(shards)
     held: list[Shard] = []  # the next shard to submit, taken from ``source`` but not yet sent
-    next_write = out.next_index
+    next_write = resumed = out.next_index
     token = f"{os.getpid()}-{time.time_ns()}"
 
     def top_up(ac) -> None:
@@ -466,7 +467,7 @@ def run_shards(client, job: ShardJob, shards: Iterator[Shard], out: ShardedOutpu
                 shard = next(source, None)
                 if shard is None:
                     return
-                if shard.index < out.next_index:  # written by an earlier run
+                if shard.index < resumed:  # written by an earlier run
                     out.check_done(shard)
                     continue
                 held.append(shard)
@@ -541,9 +542,11 @@ def cluster_report(rep: dict, run: ClusterRun, shard_size: int) -> dict:
     if workers:
         for key in ("model_load_ms", "session_create_ms", "first_inference_ms"):
             rep[key] = max(w[key] or 0.0 for w in workers)  # the slowest worker's: the cluster waited for it
-        for key, field_ in (("intra_op_threads", "intra_op_threads"), ("decode_workers", "decode_workers")):
-            values = sorted({w[field_] for w in workers}, key=str)  # per worker; one value when all agree
+        for key in ("intra_op_threads", "decode_workers"):
+            values = sorted({w[key] for w in workers}, key=str)  # per worker; one value when all agree
             rep[key] = values[0] if len(values) == 1 else values
+        rep["providers"] = sorted({p for w in workers for p in w["providers"]})  # where the workers ran it
+        rep["device"] = "cuda" if "CUDAExecutionProvider" in rep["providers"] else "cpu"
     rep["cluster"] = {
         "scheduler": run.scheduler, "start_s": run.start_s, "shard_size": shard_size, "shards_this_run": run.shards_done,
         "shards_resumed": run.shards_resumed, "workers": workers,
