@@ -101,9 +101,17 @@ precision_option = click.option(
 @click.option("--strict", is_flag=True, default=False,
               help="Exit 3 when the input check withheld the prediction of any row (for scripts that must "
                    "stop on them). Default: exit 0; the summary says how many were withheld.")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Scan on a Dask cluster: its scheduler (tcp://HOST:PORT), or local:N for N local worker "
+                   "processes. Same rows and order (docs/cluster.md; needs the cluster extra).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=None,
+              help="With --scheduler: files per cluster task (default 2000).")
+@click.option("--resume", is_flag=True, default=False,
+              help="With --scheduler and --output: skip the shards FILE already holds, append the rest.")
 @click.pass_context
 def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers, fmt, output, report, sensitivity,
-         heatmaps_dir=None, html_path=None, show_unfamiliar=False, strict=False):
+         heatmaps_dir=None, html_path=None, show_unfamiliar=False, strict=False, scheduler=None, shard_size=None,
+         resume=False):
     """Classify every X-ray in PATHS (files, or folders scanned recursively in sorted order).
 
     One record per file: a prediction, or an error with its reason. A summary and the latency
@@ -115,7 +123,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
 
     if threads is None:
         threads = default_threads(device, workers)
-    model = _load(ctx, model_path, device, threads, precision)
+    # a cluster's workers open the model on --device; here it only tells the classes and the outputs
+    model = _load(ctx, model_path, "cpu" if scheduler else device, threads, precision)
     from .discover import iter_inputs
     from .latency import build_report, format_report, write_report
     from .output import Progress, format_for_output, format_summary, make_writer
@@ -148,6 +157,13 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
         except OSError as exc:
             _fail(ctx, f"cannot create output folder: {exc}")
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
+    if scheduler or shard_size or resume:
+        ctx.exit(_scan_on_cluster(ctx, scheduler, shard_size, resume, paths=paths, model=model, model_path=model_path,
+                                  precision=precision, device=device, batch_size=batch_size,
+                                  threads=ctx.params["threads"],  # as given: the default is each worker's
+                                  workers=workers, policy=policy, no_triage=no_triage, fmt=fmt, output=output,
+                                  report=report, outputs=outputs, heatmaps_dir=heatmaps_dir, html_path=html_path,
+                                  show_unfamiliar=show_unfamiliar))
     workers = workers or default_workers(model.runs_on)
     if output:
         try:
@@ -212,6 +228,19 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     if stats.errors:
         ctx.exit(EXIT_SOME_ERRORS)
     ctx.exit(EXIT_NOT_CHEST_XRAY if strict and stats.withheld else EXIT_OK)
+
+
+def _scan_on_cluster(ctx, scheduler, shard_size, resume, **scan) -> int:
+    """``scan --scheduler``: the same scan on a Dask cluster (runtime/cluster.py)."""
+    if not scheduler:
+        _fail(ctx, "--shard-size and --resume belong to a cluster scan: give --scheduler too")
+    from .cluster import DEFAULT_SHARD_SIZE, ClusterError, scan_command
+
+    try:
+        return scan_command(scheduler=scheduler, shard_size=shard_size or DEFAULT_SHARD_SIZE, resume=resume,
+                            echo=lambda m: click.echo(m, err=True), **scan)
+    except ClusterError as exc:
+        _fail(ctx, str(exc))
 
 
 def _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path) -> None:

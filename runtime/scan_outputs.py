@@ -138,13 +138,26 @@ class ScanOutputs:
         except ValueError:  # another drive: an absolute file URL
             return "file://" + urllib.parse.quote(os.path.abspath(target).replace(os.sep, "/"))
 
-    def finish(self, stats: Any, latency: dict, latency_text: str) -> int | None:
-        """Wait for every drawing, then write the page (if asked). Returns the page's size."""
+    def drain(self) -> None:
+        """Wait for every drawing queued so far (a cluster worker, at the end of its shard)."""
         try:
             while self._pending:
                 self._collect_one()
         finally:
             self._pool.shutdown(wait=True)
+
+    def add_rows(self, part: dict, shown: "list[str]") -> None:
+        """Take the page rows and drawing counts a cluster worker made for one shard (``drain``ed
+        there), numbered on in scan order, each showing its path as discovered."""
+        for row, path in zip(part["rows"], shown):
+            self.rows.append({**row, "i": len(self.rows), "p": path})
+        for key, n in part["written"].items():
+            self.written[key] += n
+        self.failures.extend(part["failures"])
+
+    def finish(self, stats: Any, latency: dict, latency_text: str) -> int | None:
+        """Wait for every drawing, then write the page (if asked). Returns the page's size."""
+        self.drain()
         return self.write_page(stats, latency, latency_text)
 
     def write_page(self, stats: Any, latency: dict, latency_text: str) -> int | None:
