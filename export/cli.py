@@ -395,6 +395,8 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         }
         if qc_meta is not None:
             fp32_extra["input_check"] = qc_meta
+            if "fp32" in qc.shift_references:
+                fp32_extra["shift_reference"] = qc.shift_references["fp32"]
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
         _seal(partial, out, info, onnx_export.check_onnx)
@@ -540,6 +542,8 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             }
             if qc_meta is not None:
                 extra["input_check"] = qc_meta
+                if "int8" in qc.shift_references:
+                    extra["shift_reference"] = qc.shift_references["int8"]
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)
             import onnx
@@ -582,7 +586,7 @@ def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, s
         f"({', '.join(f'{t.name} {t.dim}' for t in fitted.taps)})")
     default_source = (ckpt.get("training_data") or {}).get("name") or Path(str(man.root)).name or "all"
     return fitted, CheckExport(fitted, pp, man, default_source, val_limit, seed, ood_dirs, atol, rtol,
-                               int8_min_spearman)
+                               int8_min_spearman, classes=list(ckpt["classes"]))
 
 
 if __name__ == "__main__":  # pragma: no cover

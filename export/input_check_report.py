@@ -233,6 +233,27 @@ def dev_report(ood: CheckSet, ood_scores: np.ndarray, val_scores: np.ndarray, th
             "used_for": "reporting only: not used to choose the thresholds or any parameter"}
 
 
+def ort_top1(session, u8: np.ndarray, pp: Preprocessing, batch: int = 32) -> np.ndarray:
+    """Top-1 class index of cached uint8 images through the model file's ``probabilities``."""
+    name = session.get_inputs()[0].name
+    out = [np.asarray(session.run(["probabilities"], {name: normalize(u8[i:i + batch], pp)})[0]).argmax(1)
+           for i in range(0, len(u8), batch)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def shift_entry(scores: np.ndarray, top1: np.ndarray, classes: Sequence[str], val: CheckSet, th: dict,
+                precision: str) -> dict:
+    """``cxr.shift_reference``, the folder-level shift check's reference (``cxr.runtime.shift``): this
+    file's own validation scores, per source and top-1 class, of the films its input check judges to
+    be chest X-rays (``ok`` or ``unfamiliar``, as the scan counts them)."""
+    from cxr.runtime.shift import build_reference
+
+    keep = verdicts(scores, val.early, th) < 2
+    return build_reference(np.asarray(scores)[keep], [g for g, k in zip(val.groups, keep) if k],
+                           [classes[int(i)] for i, k in zip(top1, keep) if k],
+                           fitted_on="validation split", precision=precision)
+
+
 # --------------------------------------------------------------------------- parity
 
 def score_parity(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float, source: str) -> dict:
@@ -388,8 +409,9 @@ class CheckExport:
 
     def __init__(self, fitted: FittedCheck, pp: Preprocessing, man: Manifest, default_source: str,
                  val_limit: int, seed: int, ood_dirs: Sequence[Path], atol: float, rtol: float,
-                 int8_min_spearman: float = 0.9):
+                 int8_min_spearman: float = 0.9, classes: Sequence[str] | None = None):
         self.fitted, self.pp, self.atol, self.rtol = fitted, pp, atol, rtol
+        self.classes = list(classes or [])  # the shift reference's strata are class names
         self.int8_min_spearman = int8_min_spearman
         log("input check: loading the validation split (it chooses the thresholds)")
         self.val = validation_set(man, pp, default_source, val_limit, seed)
@@ -398,6 +420,7 @@ class CheckExport:
             self.ood = [CheckSet(", ".join(o.name for o in self.ood), np.concatenate([o.u8 for o in self.ood]),
                                  [g for o in self.ood for g in o.groups], [e for o in self.ood for e in o.early])]
         self.fp32_val: dict = {}
+        self.shift_references: dict = {}  # precision -> cxr.shift_reference, from the same validation scores
         self.orientation = None
         if fitted.layout_template is not None:
             self.orientation = orientation_entry(fitted.layout_template, self.val, self.ood[0] if self.ood else None)
@@ -407,7 +430,7 @@ class CheckExport:
                     f"{k} {_pct(r)}" for k, r in self.orientation["development_set_flagged"].items())
                    if "development_set_flagged" in self.orientation else ""))
 
-    def _measure(self, fn, precision: str, parity: dict, int8: dict | None = None) -> tuple[dict, dict]:
+    def _measure(self, fn, precision: str, parity: dict, int8: dict | None = None, session=None) -> tuple[dict, dict]:
         """(metadata entry, report entry) for one model whose score function is ``fn``."""
         s_val = run_scores(fn, self.val.u8, self.pp)
         th = thresholds(s_val, self.val.groups)
@@ -422,6 +445,12 @@ class CheckExport:
             int8.update(int8_agreement(self.val, self.fp32_val["val"], self.fp32_val["th"], s_val, th))
         entry = metadata_entry(self.fitted, th, rates, parity, precision, dev, int8, self.orientation)
         report = {**entry, "development_set_full": dev}
+        if session is not None and self.classes:
+            try:
+                self.shift_references[precision] = shift_entry(s_val, ort_top1(session, self.val.u8, self.pp),
+                                                               self.classes, self.val, th, precision)
+            except ValueError as exc:
+                log(f"shift check: no reference in the {precision} file ({exc}); scans will say the check did not run")
         for line in text_lines(entry):
             log(line.strip())
         return entry, report
@@ -441,7 +470,7 @@ class CheckExport:
                               f"on {par['n_images']} images from {ev_name}")
         self.ev_fp32 = got
         log(f"input check: fp32 score parity passed: max |d| {par['max_abs_diff']:.3g} on {par['n_images']} images")
-        return self._measure(ort_score_fn(session), "fp32", par)
+        return self._measure(ort_score_fn(session), "fp32", par, session=session)
 
     def int8_refusal(self, entry: dict) -> str | None:
         """Why the int8 score is not fit to ship (``measure_int8``'s metadata entry), or None.
@@ -463,4 +492,4 @@ class CheckExport:
         par = {"n_images": int(len(got)), "source": ev_name, "vs": "fp32",
                "max_abs_diff": float(np.abs(got - self.ev_fp32).max()), "spearman": spearman(self.ev_fp32, got),
                "note": "int8 has its own thresholds, chosen on the same validation images"}
-        return self._measure(ort_score_fn(session), "int8", par, int8={})
+        return self._measure(ort_score_fn(session), "int8", par, int8={}, session=session)

@@ -205,6 +205,8 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
         click.echo("warning: no image files found in " + ", ".join(map(str, paths)), err=True)
     click.echo(format_summary(stats, model.classes), err=True)
     click.echo(summary_line(policy, stats.triage, no_triage), err=True)
+    if stats.shift is not None:
+        click.echo(stats.shift.message(), err=True)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size), workers=workers)
     click.echo(format_report(rep), err=True)
     if outputs is not None:
@@ -218,6 +220,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
                               "threshold": policy.threshold, "asked_sensitivity": policy.asked,
                               "validation_sensitivity": policy.sensitivity,
                               "validation_specificity": policy.specificity}, "unavailable": no_triage}}
+        rep["shift"] = None if stats.shift is None else stats.shift.to_dict()
         try:
             write_report(rep, report)
         except OSError as exc:
@@ -325,6 +328,9 @@ from .watch import watch  # noqa: E402
 
 cli.add_command(listen)
 cli.add_command(watch)
+from .site_cli import register as _register_site_commands  # noqa: E402  (shift-reference, validate, adapt)
+
+_register_site_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from .imageio import ImageReadError, load_image_with_facts
 from .inputcheck import Verdict, early_verdict, final_verdict, withholds
 from .preprocess import Preprocessing, normalize, resize_to_uint8
 from .session import Model
+from . import shift as shift_mod
 from . import triage as triage_mod
 
 DEFAULT_BATCH_SIZE = 16
@@ -136,6 +137,9 @@ class ScanStats:
     withheld: int = 0  # classified rows whose prediction is withheld (input check)
     qc: Counter = field(default_factory=Counter)  # input-check verdicts of the classified rows
     triage: Counter = field(default_factory=Counter)  # "refer"/"routine" counts
+    shift_scores: array = field(default_factory=lambda: array("d"))  # qc_score of films the shift check uses
+    shift_labels: list = field(default_factory=list)  # and their top-1 classes (its strata)
+    shift: Any = None  # shift.ShiftResult once the scan ends (docs/site.md)
     skip_reasons: Counter = field(default_factory=Counter)
     read_s: float = 0.0  # summed over images (decode threads run in parallel)
     preprocess_s: float = 0.0
@@ -166,6 +170,9 @@ class ScanStats:
                 self.by_class[result.prediction.label] += 1
             if result.triage:
                 self.triage[result.triage] += 1
+            if shift_mod.eligible(result.prediction.qc, result.prediction.qc_score):
+                self.shift_scores.append(result.prediction.qc_score)
+                self.shift_labels.append(result.prediction.label)
         else:
             self.errors += 1
 
@@ -377,6 +384,8 @@ def iter_scan(
     finally:
         stats.finished = time.perf_counter()
         pool.shutdown(wait=False, cancel_futures=True)
+        # the folder-level shift check, over every film this scan (and earlier ones into the same stats) saw
+        stats.shift = shift_mod.check(getattr(model, "shift_reference", None), stats.shift_scores, stats.shift_labels)
 
 
 def scan_files(

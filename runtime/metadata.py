@@ -21,6 +21,10 @@ Keys (all values are strings; structured values are JSON):
                         grid, or why the architecture has none (docs/heatmaps.md)
 - ``cxr.input_check``   JSON: the ``qc_score`` output's thresholds and how they were chosen
                         (``inputcheck.ScoreCheck``; absent in models exported before the check)
+- ``cxr.shift_reference`` JSON: the validation films' qc_score per source, the folder-level shift
+                        check's reference (``shift.ShiftReference``; docs/site.md)
+- ``cxr.adaptation``    JSON: a site model's provenance -- base model sha256, site films by class,
+                        what ``cxr-infer adapt`` refitted, held-out figures (``adapt``; docs/site.md)
 
 Only ``cxr.format``, ``cxr.classes`` and ``cxr.preprocess`` are required to run a model.
 """
@@ -40,7 +44,7 @@ JSON_KEYS = frozenset({"classes", "preprocess", "training_data", "metrics", "qua
 # JSON-valued keys whose content their own features check (calibration/triage, input check,
 # heatmaps): parsed once here (a model whose value is not JSON is refused at load time, with the
 # others), then handed to those features as parsed values
-FEATURE_JSON_KEYS = frozenset({"calibration", "operating_points", "input_check", "cam"})
+FEATURE_JSON_KEYS = frozenset({"calibration", "operating_points", "input_check", "cam", "shift_reference", "adaptation"})
 
 
 # A model file from elsewhere may carry anything in its metadata; real cxr models hold ~10 KB.

@@ -135,6 +135,7 @@ _TEMPLATE = """<!DOCTYPE html>
   <h1 id="title">Chest X-ray review</h1>
   <p id="use" class="use"></p>
 </header>
+<p id="shift" class="banner" role="alert" hidden></p>
 <section class="top">
   <div class="box"><h2>Results</h2><table id="counts" class="counts"></table></div>
   <div class="box"><h2>Model</h2><table id="model" class="kv"></table></div>
@@ -204,6 +205,8 @@ select,button{font:inherit;padding:2px 6px}
 .note{margin:8px 18px;font-size:13px;color:#3b4450;max-width:1100px}
 tr.errrow td{background:#fff6f5}
 .empty{margin:18px}
+.banner{margin:12px 18px 0;padding:10px 14px;background:#fff4e5;border:2px solid #b54708;border-radius:6px;
+ color:#7a2e0e;font-weight:600;max-width:1100px}
 """
 
 _SCRIPT = r"""
@@ -235,7 +238,11 @@ _SCRIPT = r"""
   const counts = $("counts");
   CLASSES.forEach((c) => kvRow(counts, c, S.by_class[c] || 0));
   kvRow(counts, "errors", S.errors);
-  kvRow(counts, "flagged", S.flagged);
+  kvRow(counts, "withheld (input check)", S.withheld || 0);
+  kvRow(counts, "triage: refer", S.refer || 0);
+  kvRow(counts, "triage: routine", S.routine || 0);
+  if (S.shift) kvRow(counts, "shift check", S.shift.detected ? "DETECTED" : (S.shift.p_value === null ? "not run" : "none found"));
+  if (S.shift && S.shift.detected) { $("shift").textContent = S.shift.message; $("shift").hidden = false; }
   kvRow(counts, "skipped (not images)", S.skipped);
   const mt = $("model");
   [["file", M.name], ["precision", M.precision], ["architecture", M.arch], ["input", M.input],

@@ -172,6 +172,10 @@ class ScanOutputs:
         summary = {"files": stats.files, "classified": stats.ok, "errors": stats.errors,
                    "skipped": stats.skipped, "interrupted": bool(stats.interrupted),
                    "by_class": {c: stats.by_class.get(c, 0) for c in self.classes},
-                   "flagged": sum(1 for r in self.rows if r.get("f"))}
+                   # what the CLI summary counts: rows withheld by the input check, then triage
+                   # (a withheld row is also referred, so the three are not to be added up)
+                   "withheld": stats.withheld, "refer": stats.triage.get("refer", 0),
+                   "routine": stats.triage.get("routine", 0),
+                   "shift": None if getattr(stats, "shift", None) is None else stats.shift.to_dict()}
         return write_page(self.html_path, rows=self.rows, classes=self.classes, model=model_summary(self.model),
                           summary=summary, latency=latency, latency_text=latency_text)

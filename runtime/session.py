@@ -81,6 +81,7 @@ class Model:
     cam_output: str | None = None  # the class-activation map output, when the model has one
     qc_output: str | None = None  # the graph's qc_score output, when it has one
     input_check: Any = None  # inputcheck.ScoreCheck from cxr.input_check; None: model exported before it
+    shift_reference: Any = None  # shift.ShiftReference from cxr.shift_reference; None: the model carries none
 
     @property
     def has_cam(self) -> bool:
@@ -276,6 +277,12 @@ def load_model(
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     notes = [qc_note] if qc_note else []
+    from .shift import ShiftReference
+
+    try:
+        shift_reference = ShiftReference.from_metadata(info.extra)
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
     if CUDA_EP in active and info.precision == "int8":
         notes.append(
             "note: this is an int8 (QDQ) model; the CUDA provider runs it no faster than fp32 "
@@ -285,6 +292,7 @@ def load_model(
         path=path, info=info, session=session, input_name=input_name, output_name=output_name,
         providers=active, device=device, threads=threads, session_create_ms=session_ms,
         load_ms=0.0, max_batch=max_batch, notes=notes, qc_output=qc_output, input_check=input_check,
+        shift_reference=shift_reference,
     )
     model.cam_output = _find_cam_output(path, session, info)
     model.load_ms = (time.perf_counter() - t0) * 1e3
