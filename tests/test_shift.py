@@ -190,7 +190,7 @@ def test_review_page_counts_withheld_refer_and_routine_as_the_summary(site, tmp_
     s = json.loads(page.split('id="cxr-data">')[1].split("</script>")[0])["summary"]
     assert s["withheld"] == rep["withheld"] == 3 and "flagged" not in s
     assert s["refer"] == rep["triage"]["counts"].get("refer", 0) and s["routine"] == rep["triage"]["counts"].get("routine", 0)
-    assert 'kvRow(counts, "withheld (input check)"' in page and r.exit_code == 3
+    assert 'kvRow(counts, "withheld (input check)"' in page and r.exit_code == 0  # withheld rows exit 0 without --strict
 
 
 def test_garbled_reference_refuses_the_model(site, tmp_path):
