@@ -158,7 +158,7 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
             _fail(ctx, f"cannot create output folder: {exc}")
     fmt = fmt or format_for_output(output, sys.stdout.isatty())
     if scheduler or shard_size or resume:
-        ctx.exit(_scan_on_cluster(ctx, scheduler, shard_size, resume, paths=paths, model=model, model_path=model_path,
+        ctx.exit(_scan_on_cluster(ctx, scheduler, shard_size, resume, strict=strict, paths=paths, model=model, model_path=model_path,
                                   precision=precision, device=device, batch_size=batch_size,
                                   threads=ctx.params["threads"],  # as given: the default is each worker's
                                   workers=workers, policy=policy, no_triage=no_triage, fmt=fmt, output=output,

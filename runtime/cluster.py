@@ -575,7 +575,7 @@ def format_cluster_report(rep: dict) -> str:
 
 def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model, model_path, precision, device,
                  batch_size, threads, workers, policy, no_triage, fmt, output, report, outputs, heatmaps_dir,
-                 html_path, show_unfamiliar, echo) -> int:
+                 html_path, show_unfamiliar, echo, strict: bool = False) -> int:
     """``cxr-infer scan PATHS --scheduler ...``: rows, summary, report and page as a local scan
     gives them. Returns the exit status (the local scan's meanings)."""
     from .latency import build_report, format_report, write_report
@@ -671,7 +671,7 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
         return 130
     if stats.errors or run.earlier["errors"]:
         return 1
-    return 3 if stats.withheld or run.earlier["withheld"] else 0
+    return 3 if strict and (stats.withheld or run.earlier["withheld"]) else 0  # as a local scan: exit 3 needs --strict
 
 
 def _finish_page(outputs, stats, rep, latency_text, heatmaps_dir, html_path, echo) -> int:
