@@ -20,8 +20,8 @@ import click
 
 from . import __version__
 
-EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_NOT_CHEST_XRAY = 3  # scan --strict: some rows were withheld by the input check
+from .exit_status import EXIT_INTERRUPTED, EXIT_NOT_CHEST_XRAY, EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE  # noqa: F401
+
 FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
 
 
@@ -127,11 +127,12 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
     model = _load(ctx, model_path, "cpu" if scheduler else device, threads, precision)
     from .discover import iter_inputs
     from .latency import build_report, format_report, write_report
-    from .output import Progress, format_for_output, format_summary, make_writer
+    from .output import (Progress, format_for_output, make_writer, scan_summary_lines, shift_record,
+                         summary_record)
 
     for note in model.notes:
         click.echo(note, err=True)
-    from .triage import TriageUnavailable, default_policy, policy_for, summary_line
+    from .triage import TriageUnavailable, default_policy, policy_for
 
     if sensitivity is None:
         policy, no_triage = default_policy(model.info)
@@ -203,34 +204,24 @@ def scan(ctx, paths, model_path, precision, device, batch_size, threads, workers
         _silence_stdout()
     if stats.files == 0 and not stats.interrupted:
         click.echo("warning: no image files found in " + ", ".join(map(str, paths)), err=True)
-    click.echo(format_summary(stats, model.classes), err=True)
-    click.echo(summary_line(policy, stats.triage, no_triage), err=True)
-    if stats.shift is not None:
-        click.echo(stats.shift.message(), err=True)
+    for line in scan_summary_lines(stats, model.classes, policy, no_triage):
+        click.echo(line, err=True)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size), workers=workers)
     click.echo(format_report(rep), err=True)
     if outputs is not None:
         _finish_outputs(ctx, outputs, stats, rep, heatmaps_dir, html_path)
     if report:
-        rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
-                          "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
-                          "qc": dict(stats.qc), "withheld": stats.withheld,
-                          "skip_reasons": dict(stats.skip_reasons),
-                          "triage": {"counts": dict(stats.triage), "point": None if policy is None else {
-                              "threshold": policy.threshold, "asked_sensitivity": policy.asked,
-                              "validation_sensitivity": policy.sensitivity,
-                              "validation_specificity": policy.specificity}, "unavailable": no_triage}}
-        rep["shift"] = None if stats.shift is None else stats.shift.to_dict()
+        rep["summary"] = summary_record(stats, model.classes, policy, no_triage)
+        rep["shift"] = shift_record(stats)
         try:
             write_report(rep, report)
         except OSError as exc:
             click.echo(f"error: cannot write report {report}: {exc.strerror or exc}", err=True)
             ctx.exit(EXIT_USAGE)
-    if stats.interrupted:
-        ctx.exit(EXIT_INTERRUPTED)
-    if stats.errors:
-        ctx.exit(EXIT_SOME_ERRORS)
-    ctx.exit(EXIT_NOT_CHEST_XRAY if strict and stats.withheld else EXIT_OK)
+    from .exit_status import scan_exit_status
+
+    ctx.exit(scan_exit_status(interrupted=stats.interrupted, errors=stats.errors, withheld=stats.withheld,
+                              strict=strict))
 
 
 def _scan_on_cluster(ctx, scheduler, shard_size, resume, **scan) -> int:

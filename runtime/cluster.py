@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
@@ -285,6 +286,8 @@ def merge_stats(into: ScanStats, part: ScanStats) -> None:
     into.inference_s += part.inference_s
     into.batches += part.batches
     into.image_latency_s.extend(part.image_latency_s)
+    into.shift_scores.extend(part.shift_scores)
+    into.shift_labels.extend(part.shift_labels)
 
 
 class ShardedOutput:
@@ -403,7 +406,9 @@ class ShardedOutput:
         if self.ledger is not None:
             line = {"shard": shard.index, "files": shard.files, "digest": shard.digest, "end": self.size,
                     "ok": stats.ok, "errors": stats.errors, "withheld": stats.withheld,
-                    "skipped": sum(shard.skips.values())}
+                    "skipped": sum(shard.skips.values()),
+                    # the shift check's inputs, so a resumed scan tests every film, not only this run's
+                    "shift": [[round(v, 6), lab] for v, lab in zip(stats.shift_scores, stats.shift_labels)]}
             self._record(line)
             self.done.append(line)
 
@@ -580,9 +585,9 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
     gives them. Returns the exit status (the local scan's meanings)."""
     from .latency import build_report, format_report, write_report
     from .modelinfo import sha256_file
-    from .output import Progress, columns, format_summary
+    from .exit_status import EXIT_USAGE, scan_exit_status
+    from .output import Progress, columns, scan_summary_lines, shift_record, summary_record
     from .scan_outputs import scan_root
-    from .triage import summary_line
 
     if resume and not output:
         raise ClusterError("--resume needs --output FILE: the ledger that says which shards are done lives beside it")
@@ -638,8 +643,17 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
              "the counts below are this run's")
     if stats.files == 0 and not stats.interrupted and not run.shards_resumed:
         echo("warning: no image files found in " + ", ".join(map(str, paths)))
-    echo(format_summary(stats, model.classes))
-    echo(summary_line(policy, stats.triage, no_triage))
+    from . import shift as shift_mod
+
+    scores, labels = array("d"), []  # earlier runs' shards first: the check is over the whole scan
+    for line in out.done[:run.shards_resumed]:
+        for v, lab in line.get("shift") or []:
+            scores.append(v)
+            labels.append(lab)
+    scores.extend(stats.shift_scores)
+    stats.shift = shift_mod.check(getattr(model, "shift_reference", None), scores, labels + stats.shift_labels)
+    for text in scan_summary_lines(stats, model.classes, policy, no_triage):
+        echo(text)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size),
                        workers=workers or 0)
     rep = cluster_report(rep, run, shard_size)
@@ -649,29 +663,21 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
     if outputs is not None:
         status = _finish_page(outputs, stats, rep, format_report(rep), heatmaps_dir, html_path, echo)
     if report:
-        rep["summary"] = {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
-                          "by_class": {c: stats.by_class.get(c, 0) for c in model.classes},
-                          "qc": dict(stats.qc), "withheld": stats.withheld,
-                          "skip_reasons": dict(stats.skip_reasons),
-                          "triage": {"counts": dict(stats.triage), "point": None if policy is None else {
-                              "threshold": policy.threshold, "asked_sensitivity": policy.asked,
-                              "validation_sensitivity": policy.sensitivity,
-                              "validation_specificity": policy.specificity}, "unavailable": no_triage},
-                          "earlier_runs": run.earlier if run.shards_resumed else None}
+        rep["summary"] = summary_record(stats, model.classes, policy, no_triage)
+        rep["summary"]["earlier_runs"] = run.earlier if run.shards_resumed else None
+        rep["shift"] = shift_record(stats)
         try:
             write_report(rep, report)
         except OSError as exc:
             echo(f"error: cannot write report {report}: {exc.strerror or exc}")
-            return 2
+            return EXIT_USAGE
     if status:
         return status
     if run.failure:  # stopped early: what is written stays, --resume goes on from there
-        return 2
-    if stats.interrupted:
-        return 130
-    if stats.errors or run.earlier["errors"]:
-        return 1
-    return 3 if strict and (stats.withheld or run.earlier["withheld"]) else 0  # as a local scan: exit 3 needs --strict
+        return EXIT_USAGE
+    # as a local scan, counting the shards earlier runs wrote
+    return scan_exit_status(interrupted=stats.interrupted, errors=stats.errors + run.earlier["errors"],
+                            withheld=stats.withheld + run.earlier["withheld"], strict=strict)
 
 
 def _finish_page(outputs, stats, rep, latency_text, heatmaps_dir, html_path, echo) -> int:

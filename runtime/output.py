@@ -232,6 +232,32 @@ def format_qc_summary(stats: ScanStats) -> list[str]:
     return lines
 
 
+def scan_summary_lines(stats: ScanStats, classes: list[str], policy, no_triage: bool) -> list[str]:
+    """What every scan (local or cluster) prints on stderr when it ends: counts, triage, shift check."""
+    from .triage import summary_line
+
+    lines = [format_summary(stats, classes), summary_line(policy, stats.triage, no_triage)]
+    if stats.shift is not None:
+        lines.append(stats.shift.message())
+    return lines
+
+
+def summary_record(stats: ScanStats, classes: list[str], policy, no_triage: bool) -> dict[str, Any]:
+    """The ``summary`` object of a scan's ``--report`` JSON (its ``shift`` object is ``shift_record``)."""
+    point = None if policy is None else {
+        "threshold": policy.threshold, "asked_sensitivity": policy.asked,
+        "validation_sensitivity": policy.sensitivity, "validation_specificity": policy.specificity}
+    return {"classified": stats.ok, "errors": stats.errors, "skipped": stats.skipped,
+            "by_class": {c: stats.by_class.get(c, 0) for c in classes},
+            "qc": dict(stats.qc), "withheld": stats.withheld,
+            "skip_reasons": dict(stats.skip_reasons),
+            "triage": {"counts": dict(stats.triage), "point": point, "unavailable": no_triage}}
+
+
+def shift_record(stats: ScanStats) -> dict[str, Any] | None:
+    return None if stats.shift is None else stats.shift.to_dict()
+
+
 class Progress:
     """A one-line counter on stderr, redrawn at most 10 times a second; silent off a terminal."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-EXIT_USAGE = 2
+from .exit_status import EXIT_USAGE
 
 
 def _fail(ctx: click.Context, message: str) -> None:

@@ -16,7 +16,7 @@ import sys
 
 import click
 
-EXIT_OK, EXIT_USAGE = 0, 2
+from .exit_status import EXIT_OK, EXIT_USAGE
 LEDGER_SUFFIX = ".ledger.jsonl"
 
 

@@ -180,6 +180,31 @@ def test_python_api_has_the_shift_on_the_scan_stats(site, tmp_path):
     assert not stats.shift.detected and "no shift reference" in stats.shift.reason
 
 
+def test_a_cluster_scan_checks_the_shift_as_a_local_scan_also_after_resume(site, tmp_path):
+    """``scan --scheduler``: the same shift object as a local scan, and a resumed scan tests every
+    film (the earlier run's shards carry their scores in the ledger), not only the last run's."""
+    pytest.importorskip("distributed", reason="the cluster scan needs pip install '.[cluster]'")
+    import subprocess
+
+    moved = _films(tmp_path / "moved", site["rng"].uniform(140, 150, 40))
+    run("scan", moved, "--model", site["model"], "--report", tmp_path / "local.json")
+    local = json.loads((tmp_path / "local.json").read_text())["shift"]
+    out = tmp_path / "c.csv"
+    args = [sys.executable, "-m", "cxr.runtime.cli", "scan", str(moved), "--model", str(site["model"]), "-o", str(out),
+            "--scheduler", "local:1", "--shard-size", "15", "--report", str(tmp_path / "c.json")]
+    r = subprocess.run(args, capture_output=True, timeout=240)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"these films are unlike the training films: validate before use" in r.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["shift"] == local
+    ledger = Path(str(out) + ".shards.jsonl")
+    lines = ledger.read_text().splitlines()
+    assert len(lines) == 4  # the header and three shards
+    ledger.write_text("\n".join(lines[:2]) + "\n")  # only shard 0 done: as if killed after it
+    r = subprocess.run(args + ["--resume"], capture_output=True, timeout=240)
+    assert r.returncode == 0 and b"resumed: 1 shards (15 files)" in r.stderr, r.stderr.decode()
+    assert json.loads((tmp_path / "c.json").read_text())["shift"] == local  # n 40, not the 25 of this run
+
+
 def test_review_page_counts_withheld_refer_and_routine_as_the_summary(site, tmp_path):
     """Not "flagged" (withheld + referred, counted twice): the three numbers the CLI prints."""
     rng = site["rng"]

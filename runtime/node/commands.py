@@ -6,7 +6,7 @@ import sys
 
 import click
 
-EXIT_USAGE = 2
+from ..exit_status import EXIT_USAGE
 
 
 def _fail(message: str) -> None:
