@@ -20,6 +20,8 @@ import click
 
 from . import __version__
 
+from .cli_options import (batch_size_option, device_option, model_option, precision_option, sensitivity_option,
+                          threads_option)
 from .exit_status import EXIT_INTERRUPTED, EXIT_NOT_CHEST_XRAY, EXIT_OK, EXIT_SOME_ERRORS, EXIT_USAGE  # noqa: F401
 
 FORMATS = ("table", "csv", "jsonl", "json")  # mirrors output.FORMATS without importing numpy
@@ -58,26 +60,13 @@ def cli() -> None:
     """Classify chest X-rays with a self-describing ONNX model (CPU or CUDA), no PyTorch needed."""
 
 
-model_option = click.option(
-    "--model", "model_path", type=click.Path(dir_okay=False), default=None,
-    help="ONNX model made by cxr-export. Default: the shipped model.",
-)
-precision_option = click.option(
-    "--precision", type=click.Choice(["fp32", "int8"]), default=None,
-    help="Which shipped model to use (default: the manifest's choice). Not with --model.",
-)
-
-
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @model_option
 @precision_option
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-              help="cpu, cuda (error if unavailable) or auto (CUDA when present).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Images per inference call.")
-@click.option("--threads", type=click.IntRange(min=0), default=None,
-              help="onnxruntime intra-op threads (default: one per physical core; from 8 cores up, the cores the decode workers leave; 0: onnxruntime's choice).")
+@device_option
+@batch_size_option
+@threads_option
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Decode+preprocess threads (default: 2 on CPU, min(4, CPUs) on CUDA).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -87,9 +76,7 @@ precision_option = click.option(
               help="Write results to FILE instead of stdout.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Also write the latency report as JSON to FILE.")
-@click.option("--sensitivity", type=float, default=None,
-              help="Triage at the highest threshold whose validation sensitivity to abnormal films reaches "
-                   "this fraction (e.g. 0.99). Default: the model's stored point (0.98 at export).")
+@sensitivity_option
 @click.option("--heatmaps", "heatmaps_dir", type=click.Path(file_okay=False), default=None,
               help="Write one PNG per classified image into DIR: the X-ray with the predicted class's "
                    "activation map over it (needs a model with a 'cam' output).")

@@ -16,6 +16,7 @@ import sys
 
 import click
 
+from .cli_options import engine_options
 from .exit_status import EXIT_OK, EXIT_USAGE
 LEDGER_SUFFIX = ".ledger.jsonl"
 
@@ -91,14 +92,7 @@ def poll(folder: str, excluded: list[str], settler: Settler, done: dict, now: fl
 @click.option("--settle", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Seconds a file must keep its size and mtime before it is read.")
 @click.option("--once", is_flag=True, help="Classify what is there (once it has settled) and exit.")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
-              help="ONNX model made by cxr-export. Default: the shipped model.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
-              help="Which shipped model (default: the manifest's choice). Not with --model.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--sensitivity", type=float, default=None, help="Triage operating point, as in scan.")
+@engine_options
 @click.option("--show-unfamiliar", is_flag=True, help="As in scan: show the class of 'unfamiliar' rows.")
 def watch(folder, output, heatmaps_dir, html_path, interval, settle, once, model_path, precision, device, threads,
           batch_size, sensitivity, show_unfamiliar):

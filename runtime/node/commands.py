@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..cli_options import engine_options
 from ..exit_status import EXIT_USAGE
 
 
@@ -75,14 +76,7 @@ def print_status(state_dir: str) -> None:
               help="Calling AE titles accepted (repeat); default: any.")
 @click.option("--heatmap", is_flag=True, help="Also send a Secondary Capture with the heatmap burnt in "
                                                "(needs a model with a 'cam' output).")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
-              help="ONNX model made by cxr-export. Default: the shipped model.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None,
-              help="Which shipped model (default: the manifest's choice). Not with --model.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=None, help="onnxruntime intra-op threads.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--sensitivity", type=float, default=None, help="Triage operating point, as in scan.")
+@engine_options
 @click.option("--status", "show_status", is_flag=True,
               help="Print what the state folder holds (waiting films, queued results) and exit.")
 def listen(port, aet, send_to, state_dir, bind, allow, heatmap, model_path, precision, device, threads, batch_size,
