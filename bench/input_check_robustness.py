@@ -35,6 +35,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
 
 def _jpeg(im: Image.Image, quality: int) -> Image.Image:
     buf = io.BytesIO()
@@ -66,31 +68,12 @@ def _native_dicom(im: Image.Image) -> str:
     so the runtime reads it as it reads a user's file (modality LUT, VOI window, inversion)."""
     import tempfile
 
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from dicom_films import write_film  # tests/dicom_films.py: the DX film the node's tests send
 
-    px = 4095 - _native12(im)  # MONOCHROME1: high values are dark
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray, for presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "DX", "CHEST", "PA"
-    ds.Rows, ds.Columns = px.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2050, 3500
-    ds.PixelData = np.ascontiguousarray(px, dtype="<u2").tobytes()
     fd, path = tempfile.mkstemp(suffix=".dcm")
     os.close(fd)
-    if int(pydicom.__version__.split(".")[0]) >= 3:
-        ds.save_as(path, enforce_file_format=True)
-    else:
-        ds.is_little_endian, ds.is_implicit_VR = True, False
-        ds.save_as(path, write_like_original=False)
+    write_film(path, 4095 - _native12(im),  # MONOCHROME1: high values are dark
+               PhotometricInterpretation="MONOCHROME1", WindowCenter=2050, WindowWidth=3500)
     return path
 
 
