@@ -51,6 +51,11 @@ def describe_model(model: Model) -> dict[str, Any]:
     extra.pop("cam", None)
     d["heatmaps"] = cam_metadata(info)
     d["input_check"] = _input_check_summary(model)
+    d["adaptation"] = extra.pop("adaptation", None)
+    ref = extra.pop("shift_reference", None)
+    d["shift_reference"] = None if not isinstance(ref, dict) else {
+        "fitted_on": ref.get("fitted_on"), "precision": ref.get("precision"),
+        "films": {k: (v or {}).get("n") for k, v in (ref.get("sources") or {}).items()}}
     d["other_metadata"] = extra
     return d
 
@@ -83,6 +88,31 @@ def _triage_description(info, extra: dict) -> dict[str, Any]:
     out["triage"] = policy.describe() if policy else None
     out.setdefault("triage_unavailable", why)
     return out
+
+
+def _adaptation_lines(ad: dict) -> list[str]:
+    """What ``cxr-infer adapt`` did to this file, from its ``cxr.adaptation`` provenance."""
+    base = ad.get("base_model") or {}
+    r = ad.get("refitted") or {}
+    head, temp, qc = r.get("head") or {}, r.get("temperature") or {}, r.get("input_check") or {}
+    ev = ad.get("evaluation") or {}
+    out = [f"adaptation     site model made {ad.get('created')} by cxr-infer adapt from {base.get('file')} "
+           f"(sha256 {str(base.get('sha256'))[:16]}) on {ad.get('fit_films')} site films "
+           f"({ad.get('held_out_films')} held out): "
+           + ", ".join(f"{k} {v.get('fit')}" for k, v in (ad.get("films") or {}).items()),
+           f"  refitted: threshold (sensitivity {(r.get('threshold') or {}).get('asked_sensitivity')}), temperature "
+           f"{_g(temp.get('before'))} -> {_g(temp.get('after'))}, input check {'yes' if qc.get('refitted') else 'no'}, "
+           f"head {'yes' if head.get('adopted') else 'no'} ({head.get('why')})"]
+    if ev:
+        ap = ev.get("adapted_point") or {}
+        out.append(f"  on {ev.get('on')} ({ev.get('n')}): AUROC {_g(ev.get('auroc_shipped'))} -> "
+                   f"{_g(ev.get('auroc_adapted'))}; at the site point sensitivity "
+                   f"{_g((ap.get('sensitivity') or {}).get('value'))}, specificity {_g((ap.get('specificity') or {}).get('value'))}")
+    return out
+
+
+def _g(x) -> str:
+    return "-" if not isinstance(x, (int, float)) else f"{x:.4g}"
 
 
 def _fmt(value: Any, indent: str) -> str:
@@ -131,6 +161,13 @@ def format_description(d: dict[str, Any]) -> str:
                                f"({(cal.get('bins') or {}).get('count', 15)} equal-width bins)"))
     else:
         lines.append("calibration    none recorded: probabilities are the raw softmax")
+    ref = d.get("shift_reference")
+    lines.append(printable("shift check    " + (
+        f"reference from the {ref.get('fitted_on')}: " + ", ".join(f"{k} {v}" for k, v in (ref.get("films") or {}).items())
+        if ref else "no reference in this model: scans say the check was not run (cxr-infer shift-reference adds one)")))
+    ad = d.get("adaptation")
+    if isinstance(ad, dict):
+        lines += [printable(x) for x in _adaptation_lines(ad)]
     # source and class names come from the model file: no terminal escapes
     lines += [printable(x) for x in format_table(d.get("operating_points"), d.get("triage_unavailable")).splitlines()]
     for key in ("training_data", "metrics", "quantization", "parity", "other_metadata"):

@@ -95,6 +95,61 @@ def validate_command(ctx, dirs, model_path, precision, sensitivity, report_path,
         _fail(ctx, f"cannot write the report: {exc.strerror or exc}")
 
 
+@click.command("adapt")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="The site model to write (a new file; the base model is never modified). Its card goes beside it.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
+              help="The base model (cxr-export's, or an earlier site model). Default: the shipped model.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None, help="Which shipped model. Not with --model.")
+@click.option("--sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.98, show_default=True,
+              help="The sensitivity to abnormal films the site's refer threshold must give.")
+@click.option("--holdout", type=click.FloatRange(0.0, 0.9, max_open=True), default=0.0, show_default=True,
+              help="Keep this share of each class folder out of every fit and measure the result on it "
+                   "(seeded; stored in the provenance). 0: report the fit films' figures only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --holdout and the cross-validation folds.")
+@click.option("--no-head", "no_head", is_flag=True,
+              help="Fit threshold, temperature and input check only; do not try the head refit (d).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the provenance (everything measured) as JSON.")
+@click.pass_context
+def adapt_command(ctx, dirs, out_path, model_path, precision, sensitivity, holdout, seed, no_head, report_path):
+    """Fit a site model from a site's labelled films (DIRS hold class folders, as validate reads them):
+    (a) the refer threshold for --sensitivity, (b) the temperature, (c) the input check's centre, so the
+    site's films stop reading as unfamiliar or shifted, and (d) the Normal row of the last layer, adopted
+    only if cross-validation shows it beats the shipped head. Writes a new model with its provenance
+    (cxr.adaptation) and a card; needs at least 30 normal and 30 abnormal films and the onnx package
+    (pip install 'cxr-infer[site]'). No torch."""
+    import json
+    import sys
+
+    from .adapt import AdaptError, adapt, format_text
+    from .model_edit import ModelEditError
+    from .session import ModelLoadError, resolve_model_path
+    from .shift_reference import stderr_progress
+    from .validate import ValidateError
+
+    if model_path is not None and precision is not None:
+        raise click.UsageError("--precision picks one of the shipped models; it cannot be combined with --model")
+    try:
+        base = resolve_model_path(model_path, precision)
+        prov = adapt(base, dirs, out_path, sensitivity=sensitivity, holdout=holdout, seed=seed,
+                     refit_head_too=not no_head,
+                     progress=stderr_progress("adapt") if sys.stderr.isatty() else None)
+    except (AdaptError, ValidateError, ModelEditError, ModelLoadError) as exc:
+        _fail(ctx, str(exc))
+    click.echo(format_text(prov), err=True)
+    click.echo(f"wrote {out_path} and its card {prov['card']}", err=True)
+    if report_path:
+        try:
+            with open(report_path, "w", encoding="utf-8") as fh:
+                json.dump(prov, fh, indent=2, default=str)
+        except OSError as exc:
+            _fail(ctx, f"cannot write the report: {exc.strerror or exc}")
+        click.echo(f"report: {report_path}", err=True)
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(shift_reference_command)
     cli.add_command(validate_command)
+    cli.add_command(adapt_command)

@@ -185,7 +185,7 @@ def summary_line(policy: TriagePolicy | None, counts: dict[str, int], reason: st
     refer, routine = counts.get(REFER, 0), counts.get(ROUTINE, 0)
     n = refer + routine
     share = f"{100 * refer / n:.0f} %" if n else "-"
-    return (f"triage: refer {share} of films ({refer}/{n}); on validation this point caught "
+    return (f"triage: refer {share} of films ({refer}/{n}); on the {policy.fitted_on} this point caught "
             f"{_pct1(policy.sensitivity)} of abnormal films at {_pct1(policy.specificity)} specificity "
             f"(refer when P(not {policy.normal_class}) >= {policy.threshold:.4g}"
             + ("" if policy.asked is None else f", chosen for sensitivity >= {policy.asked:g}") + ")")
@@ -239,7 +239,8 @@ def format_table(op: dict | None, reason: str | None = None) -> str:
         lines.append(f"  {t:>10.6g}  {_pct(se):>11}  {_pct(sp):>11}  {_pct(ref):>8}{mark}")
     if d:
         where = " in every source" if d.get("rule") == "every source" else ""
-        lines.append(f"  default: highest threshold with validation sensitivity >= {d.get('target_sensitivity')}{where}; "
+        lines.append(f"  default: highest threshold with sensitivity >= {d.get('target_sensitivity')} on the "
+                     f"{op.get('fitted_on', 'validation split')}{where}; "
                      f"--sensitivity S picks another" + (" (also held in every source)" if where else ""))
     for c, v in (op.get("by_class") or {}).items():
         lines.append(f"  class {c} ({v.get('n')} films) at the default: referred {_pct(v.get('default'))}")
