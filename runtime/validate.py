@@ -252,7 +252,8 @@ def format_text(rep: dict) -> str:
     t = rep["triage"]
     if t.get("available"):
         v = t["validation"]
-        L.append(f"  triage at the stored point (refer when P(not Normal) >= {t['threshold']:.4g}):")
+        L.append(f"  triage at the stored point (refer when P(not Normal) >= {t['threshold']:.4g}; "
+                 f"[validation ...] is the model's own figure, on the {v.get('fitted_on') or 'validation split'}):")
         L.append(f"    abnormal referred (sensitivity) {_ci(t['sensitivity'])}  [validation {_p(v['sensitivity'])}]")
         L.append(f"    normal routine (specificity)    {_ci(t['specificity'])}  [validation {_p(v['specificity'])}]")
         L.append(f"    referred                        {_ci(t['referred'])}  [validation {_p(v['referred'])}]")
