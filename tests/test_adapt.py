@@ -20,7 +20,9 @@ from cxr.runtime.cli import cli  # noqa: E402
 from cxr.runtime.modelinfo import sha256_file  # noqa: E402
 from cxr.runtime.session import load_model, resolve_model_path  # noqa: E402
 
-DATA = Path(os.environ.get("CXR_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# CXR_DATA names the covid-radiography-3class folder (conftest.py); its siblings are the other sources
+DATA = (Path(os.environ["CXR_DATA"]).parent if os.environ.get("CXR_DATA")
+        else Path(__file__).resolve().parents[2] / "shared" / "data")
 SOURCE = DATA / "covid-radiography-lung-opacity"
 
 
@@ -47,7 +49,7 @@ def _site(root: Path, per_class: int, classes=("Normal", "Lung_Opacity")) -> Pat
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory):
     if not SOURCE.is_dir():
-        pytest.skip(f"{SOURCE} is absent (set CXR_DATA to the shared data folder)")
+        pytest.skip(f"{SOURCE} is absent (set CXR_DATA to the covid-radiography-3class folder beside it)")
     base = tmp_path_factory.mktemp("adapt")
     site = _site(base / "site", 70)
     out = base / "site.onnx"
