@@ -1,4 +1,4 @@
-"""Measure the folder-level shift check (cxr.runtime.shift): false alarms on random subsets of the
+"""Measure the folder-level shift check (cxr.runtime.site.shift): false alarms on random subsets of the
 model's held-out in-source films, and alarms on folders of a source the model never saw.
 
     python bench/shift_bench.py --model M.onnx --split split.json --unseen ../shared/data/covid-radiography-lung-opacity \
@@ -6,7 +6,7 @@ model's held-out in-source films, and alarms on folders of a source the model ne
 
 Every film is scanned once with the runtime's scan engine (the scores a scan would see); the
 subsets are then drawn from those scores, so a thousand subsets cost one scan. Nothing here
-chooses a parameter of the check: alpha and the minimum are fixed in runtime/shift.py.
+chooses a parameter of the check: alpha and the minimum are fixed in runtime/site/shift.py.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr.runtime import shift
+from cxr.runtime.site import shift
 from cxr.runtime.dataset import discover_labelled
 from cxr.runtime.session import load_model
-from cxr.runtime.shift_reference import score_films, split_items, stderr_progress
+from cxr.runtime.site.shift_reference import score_films, split_items, stderr_progress
 
 
 def rate(ref, films: list, size: int, subsets: int, rng) -> dict:

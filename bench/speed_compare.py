@@ -271,7 +271,7 @@ def run_study(checkpoint: str, root: str, threads: int | None, work: Path) -> di
 
 def choose_files(data: str, limit: int | None) -> tuple[list[tuple[str, str | None]], bool]:
     """(path, folder label) pairs a scan of ``data`` reads; ``limit`` spread over the classes."""
-    from cxr.runtime.benchmark import select_items
+    from cxr.runtime.benchmarks.benchmark import select_items
     from cxr.runtime.dataset import discover_labelled
     from cxr.runtime.discover import iter_files
 
@@ -366,7 +366,7 @@ def install_sizes() -> dict:
 
 def model_alone_ips(model_path: str, paths: list[str], threads: int | None, batch: int = 16) -> float | None:
     """Images/s the ONNX model sustains alone on preprocessed images (cxr-infer bench's timing)."""
-    from cxr.runtime.benchmark import sample_inputs, time_batched
+    from cxr.runtime.benchmarks.benchmark import sample_inputs, time_batched
     from cxr.runtime.session import load_model
 
     model = load_model(model_path, threads=threads)
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     if not Path(args.data).is_dir():
         print(f"error: data folder not found: {args.data} (pass --data or set CXR_DATA)", file=sys.stderr)
         return 2
-    from cxr.runtime.benchmark import warm_file_cache
+    from cxr.runtime.benchmarks.benchmark import warm_file_cache
     from cxr.runtime.cpu import cpu_info
     from cxr.runtime.session import load_model
 

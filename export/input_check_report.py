@@ -243,10 +243,10 @@ def ort_top1(session, u8: np.ndarray, pp: Preprocessing, batch: int = 32) -> np.
 
 def shift_entry(scores: np.ndarray, top1: np.ndarray, classes: Sequence[str], val: CheckSet, th: dict,
                 precision: str) -> dict:
-    """``cxr.shift_reference``, the folder-level shift check's reference (``cxr.runtime.shift``): this
+    """``cxr.shift_reference``, the folder-level shift check's reference (``cxr.runtime.site.shift``): this
     file's own validation scores, per source and top-1 class, of the films its input check judges to
     be chest X-rays (``ok`` or ``unfamiliar``, as the scan counts them)."""
-    from cxr.runtime.shift import build_reference
+    from cxr.runtime.site.shift import build_reference
 
     keep = verdicts(scores, val.early, th) < 2
     return build_reference(np.asarray(scores)[keep], [g for g, k in zip(val.groups, keep) if k],

@@ -293,7 +293,7 @@ def bench(ctx, data_dirs, model_paths, json_path, batch_size, threads, workers, 
     input check's flag rates and AUROC."""
     if not data_dirs and not split:
         raise click.UsageError("give at least one labelled DATA_DIR, or --split FILE")
-    from .benchmark import bench_command
+    from .benchmarks.benchmark import bench_command
 
     ctx.exit(bench_command(list(data_dirs), list(model_paths) or None, json_path=json_path, batch_size=batch_size,
                            threads=threads, device=device, limit=limit, workers=workers, runs=runs,
@@ -306,7 +306,7 @@ from .watch import watch  # noqa: E402
 
 cli.add_command(listen)
 cli.add_command(watch)
-from .site_cli import register as _register_site_commands  # noqa: E402  (shift-reference, validate, adapt)
+from .site.site_cli import register as _register_site_commands  # noqa: E402  (shift-reference, validate, adapt)
 
 _register_site_commands(cli)
 

@@ -643,7 +643,7 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
              "the counts below are this run's")
     if stats.files == 0 and not stats.interrupted and not run.shards_resumed:
         echo("warning: no image files found in " + ", ".join(map(str, paths)))
-    from . import shift as shift_mod
+    from .site import shift as shift_mod
 
     scores, labels = array("d"), []  # earlier runs' shards first: the check is over the whole scan
     for line in out.done[:run.shards_resumed]:

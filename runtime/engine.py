@@ -27,7 +27,7 @@ from .imageio import ImageReadError, load_image_with_facts
 from .inputcheck import Verdict, early_verdict, final_verdict, withholds
 from .preprocess import Preprocessing, normalize, resize_to_uint8
 from .session import Model
-from . import shift as shift_mod
+from .site import shift as shift_mod
 from . import triage as triage_mod
 
 DEFAULT_BATCH_SIZE = 16

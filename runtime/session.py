@@ -277,7 +277,7 @@ def load_model(
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     notes = [qc_note] if qc_note else []
-    from .shift import ShiftReference
+    from .site.shift import ShiftReference
 
     try:
         shift_reference = ShiftReference.from_metadata(info.extra)

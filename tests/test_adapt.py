@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("onnx", reason="adapt writes ONNX: pip install '.[site]'")
 
-from cxr.runtime import adapt as A  # noqa: E402
+from cxr.runtime.site import adapt as A  # noqa: E402
 from cxr.runtime.cli import cli  # noqa: E402
 from cxr.runtime.modelinfo import sha256_file  # noqa: E402
 from cxr.runtime.session import load_model, resolve_model_path  # noqa: E402

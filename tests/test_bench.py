@@ -18,7 +18,7 @@ from PIL import Image
 
 import cxr.models
 from cxr.runtime import Classifier
-from cxr.runtime.benchmark import map_labels, select_items
+from cxr.runtime.benchmarks.benchmark import map_labels, select_items
 from cxr.runtime.cli import cli
 from cxr.runtime.dataset import LabelledImage, discover_labelled
 from cxr.runtime.preprocess import Preprocessing
@@ -30,7 +30,7 @@ FAST = ["--runs", "3", "--batch-size", "4", "--workers", "2", "--threads", "1"]
 @pytest.fixture(autouse=True)
 def _short_timings(monkeypatch):
     # the real minimum timing window (seconds per model) is for benchmarks, not for tests
-    import cxr.runtime.benchmark as bm
+    import cxr.runtime.benchmarks.benchmark as bm
 
     monkeypatch.setattr(bm, "MIN_TIMED_S", 0.0)
 
@@ -244,7 +244,7 @@ def test_select_items_round_robin_and_label_mapping():
 
 
 def test_bench_module_never_imports_torch():
-    code = ("import sys, cxr.runtime.benchmark, cxr.runtime.cli; "
+    code = ("import sys, cxr.runtime.benchmarks.benchmark, cxr.runtime.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": ""})
 
@@ -275,7 +275,7 @@ def test_split_manifest_benches_only_the_test_subset(setup, tmp_path):
 
 
 def test_pipeline_limit_accounts_for_shared_cores_and_the_slower_stage():
-    from cxr.runtime.benchmark import pipeline_limit
+    from cxr.runtime.benchmarks.benchmark import pipeline_limit
 
     dec = {"images_per_s": 1000.0, "cores_busy": 2.0}
     # inference saturating both cores: 2 ms + 8 ms of core time per image on 2 cores -> 200 img/s

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cxr.runtime import Classifier, shift
+from cxr.runtime import Classifier
+from cxr.runtime.site import shift
 from cxr.runtime.cli import cli
 from cxr.runtime.engine import ScanStats
 from cxr.runtime.model_edit import ModelEditError, graph_digest, require_onnx

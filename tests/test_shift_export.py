@@ -12,7 +12,7 @@ pytest.importorskip("torch", reason="the export needs torch (pip install '.[trai
 onnx = pytest.importorskip("onnx")
 
 from cxr.runtime.session import load_model  # noqa: E402
-from cxr.runtime.shift_reference import reference_from_scores, score_films, split_items  # noqa: E402
+from cxr.runtime.site.shift_reference import reference_from_scores, score_films, split_items  # noqa: E402
 from test_input_check_export import exported, run_two_sources  # noqa: E402,F401  (fixtures)
 
 

@@ -145,7 +145,7 @@ def test_training_on_two_sources_reports_by_source(sources, tmp_path):
 
 def test_bench_takes_several_folders_each_a_source(sources, tiny_model_path, tmp_path):
     """The tiny test model classifies by brightness; its folders have 3 classes named like its own."""
-    from cxr.runtime.benchmark import format_summary, run_bench
+    from cxr.runtime.benchmarks.benchmark import format_summary, run_bench
 
     a = _folder(tmp_path / "site-a", {c: 6 for c in MODEL_LEVELS}, 0, MODEL_LEVELS)
     b = _folder(tmp_path / "site-b", {list(MODEL_LEVELS)[0]: 5}, 1, MODEL_LEVELS)
@@ -158,7 +158,7 @@ def test_bench_takes_several_folders_each_a_source(sources, tiny_model_path, tmp
 
 
 def test_bench_split_follows_the_manifest_sources(sources, tiny_model_path, tmp_path):
-    from cxr.runtime.benchmark import run_bench
+    from cxr.runtime.benchmarks.benchmark import run_bench
 
     a = _folder(tmp_path / "site-a", {c: 10 for c in MODEL_LEVELS}, 0, MODEL_LEVELS)
     b = _folder(tmp_path / "site-b", {list(MODEL_LEVELS)[0]: 10}, 1, MODEL_LEVELS)

@@ -404,7 +404,7 @@ def test_info_prints_the_operating_points(triage_model):
 
 
 def test_bench_reports_realised_sensitivity_next_to_validation(triage_model, tmp_path, monkeypatch):
-    import cxr.runtime.benchmark as bm
+    import cxr.runtime.benchmarks.benchmark as bm
 
     monkeypatch.setattr(bm, "MIN_TIMED_S", 0.0)
     path, op = triage_model

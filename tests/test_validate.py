@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cxr.runtime.cli import cli
-from cxr.runtime.validate import wilson
+from cxr.runtime.site.validate import wilson
 from synthetic import shaded
 from test_triage import triage_model  # noqa: F401  (fixture: the tiny model with an operating-point table)
 

@@ -32,13 +32,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .cpu import cpu_info
-from .dataset import (LabelledImage, discover_labelled, item_path, override_roots, read_split_manifest, source_name,
-                      source_roots)
-from .engine import DEFAULT_BATCH_SIZE, default_threads, default_workers, prepare, scan_files
-from .latency import percentiles_ms
-from .metrics import classification_report, format_per_source, per_source_report
-from .session import Model, ModelLoadError, load_model
+from ..cpu import cpu_info
+from ..dataset import (LabelledImage, discover_labelled, item_path, override_roots, read_split_manifest, source_name,
+                       source_roots)
+from ..engine import DEFAULT_BATCH_SIZE, default_threads, default_workers, prepare, scan_files
+from ..latency import percentiles_ms
+from ..metrics import classification_report, format_per_source, per_source_report
+from ..session import Model, ModelLoadError, load_model
 from .triage_bench import TriageUnavailable, bench_triage, bench_triage_policy, format_bench_triage
 
 FORMAT = "cxr-bench/1"
@@ -673,5 +673,5 @@ def bench_command(data_dir, model_paths, *, json_path=None, batch_size=DEFAULT_B
     return 1 if any(r["errors"] for r in result["models"]) else 0
 
 
-if __name__ == "__main__":  # python -m cxr.runtime.benchmark DIR MODEL...
+if __name__ == "__main__":  # python -m cxr.runtime.benchmarks.benchmark DIR MODEL...
     sys.exit(bench_command(sys.argv[1], sys.argv[2:] or None))

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import model_edit, shift
-from .dataset import item_path, override_roots, read_split_manifest
+from .. import model_edit
+from ..dataset import item_path, override_roots, read_split_manifest
+from . import shift
 
 
 def split_items(split: "str | os.PathLike[str]", subset: str = "val",
@@ -30,7 +31,7 @@ def split_items(split: "str | os.PathLike[str]", subset: str = "val",
 
 def score_films(model, paths: Sequence[str], progress: Callable[[int, int], None] | None = None):
     """Scan ``paths`` with ``model``: [(qc, qc_score, top-1 class)] in order (Nones for unreadable files)."""
-    from .engine import iter_scan
+    from ..engine import iter_scan
 
     out = []
     for i, r in enumerate(iter_scan(model, list(paths))):
@@ -61,7 +62,7 @@ def add_reference(model_path: "str | os.PathLike[str]", out: "str | os.PathLike[
     """Compute the reference of ``model_path`` on its split's ``subset`` and write the model with it
     to ``out`` (may be the same file: only the ``cxr.shift_reference`` entry changes, which the
     returned summary proves with the graph's digest before and after)."""
-    from .session import load_model
+    from ..session import load_model
 
     model_edit.require_onnx("cxr-infer shift-reference")
     model = load_model(model_path, threads=None)

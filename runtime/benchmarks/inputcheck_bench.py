@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .inputcheck import FLAGGED, NO_DIAGNOSIS
-from .metrics import auroc
+from ..inputcheck import FLAGGED, NO_DIAGNOSIS
+from ..metrics import auroc
 
 
 def qc_group_rates(results: Sequence[Any], groups: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -47,8 +47,8 @@ def bench_not_xray(model, xray_results: Sequence[Any], xray_groups: Sequence[tup
                    log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Scan each not-X-ray folder with ``model`` and compare with the X-ray scan's results, whose
     (source, class) are ``xray_groups``."""
-    from .dataset import discover_labelled, is_candidate_image
-    from .engine import scan_files
+    from ..dataset import discover_labelled, is_candidate_image
+    from ..engine import scan_files
 
     kinds: dict[str, list[str]] = {}
     for folder in folders:

@@ -1,6 +1,6 @@
 """``cxr-infer`` commands for a new site: ``shift-reference``, ``validate`` and ``adapt`` (docs/site.md).
 
-Registered on the main group by ``register``; like cli.py, only click is imported at module
+Registered on the main group by ``register``; like runtime/cli.py, only click is imported at module
 level so ``cxr-infer --help`` stays instant.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .exit_status import EXIT_USAGE
+from ..exit_status import EXIT_USAGE
 
 
 def _fail(ctx: click.Context, message: str) -> None:
@@ -31,8 +31,8 @@ def shift_reference_command(ctx, model_path, split_path, subset, data_roots, out
     """Add the folder-level shift check's reference (cxr.shift_reference) to MODEL_PATH: the model's own
     qc_score on its validation films, per source, computed with onnxruntime (no torch). Needs the onnx
     package (pip install 'cxr-infer[site]')."""
-    from .model_edit import ModelEditError
-    from .session import ModelLoadError
+    from ..model_edit import ModelEditError
+    from ..session import ModelLoadError
     from .shift_reference import add_reference
 
     try:
@@ -65,9 +65,9 @@ def validate_command(ctx, dirs, model_path, precision, sensitivity, report_path,
     import json
     import sys
 
-    from .session import ModelLoadError, load_model
+    from ..session import ModelLoadError, load_model
     from .shift_reference import stderr_progress
-    from .triage import TriageUnavailable, default_policy, find_normal_class, policy_for
+    from ..triage import TriageUnavailable, default_policy, find_normal_class, policy_for
     from .validate import ValidateError, collect, format_text, measure, scan_items, write_markdown
 
     if model_path is not None and precision is not None:
@@ -124,8 +124,8 @@ def adapt_command(ctx, dirs, out_path, model_path, precision, sensitivity, holdo
     import sys
 
     from .adapt import AdaptError, adapt, format_text
-    from .model_edit import ModelEditError
-    from .session import ModelLoadError, resolve_model_path
+    from ..model_edit import ModelEditError
+    from ..session import ModelLoadError, resolve_model_path
     from .shift_reference import stderr_progress
     from .validate import ValidateError
 

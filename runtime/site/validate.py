@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .dataset import LabelledImage, discover_labelled
-from .metrics import auroc, expected_calibration_error
+from ..dataset import LabelledImage, discover_labelled
+from ..metrics import auroc, expected_calibration_error
 
 Z95 = 1.959963984540054
 FORMAT = "cxr-validate/1"
@@ -91,7 +91,7 @@ def collect(dirs: Sequence["str | os.PathLike[str]"], model_classes: Sequence[st
 
 def scan_items(model, items, policy, progress: Callable[[int, int], None] | None = None):
     """(results in order, ScanStats) through the scan engine."""
-    from .engine import ScanStats, iter_scan
+    from ..engine import ScanStats, iter_scan
 
     stats = ScanStats()
     out = []
@@ -114,7 +114,7 @@ def roc_points(neg: np.ndarray, pos: np.ndarray) -> list[list[float]]:
 
 def measure(model, items: Sequence[LabelledImage], kinds: Sequence[str], policy, results, stats) -> dict:
     """Everything the report shows, from the scan's results."""
-    from .triage import REFER, find_normal_class, operating_points, qc_flagged
+    from ..triage import REFER, find_normal_class, operating_points, qc_flagged
 
     classes = list(model.classes)
     normal = find_normal_class(classes)
@@ -172,7 +172,7 @@ def measure(model, items: Sequence[LabelledImage], kinds: Sequence[str], policy,
 
 
 def _has_table(model) -> bool:
-    from .triage import TriageUnavailable, operating_points
+    from ..triage import TriageUnavailable, operating_points
 
     try:
         op = operating_points(model.info)

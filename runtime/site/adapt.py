@@ -39,9 +39,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import model_edit
+from .. import model_edit
+from ..metrics import auroc
 from . import shift as shift_mod
-from .metrics import auroc
 from .validate import ValidateError, collect, rate, wilson
 
 FORMAT = "cxr-adaptation/1"
@@ -193,7 +193,7 @@ class Films:
 def embed(model, head: Head, proto, paths: Sequence[str], progress: Callable[[int, int], None] | None = None,
           batch_size: int = 16):
     """Run the base graph once over ``paths``, keeping its logits, features and qc statistics."""
-    from .engine import prepare_checked
+    from ..engine import prepare_checked
 
     names = [head.logits, head.features] + ([head.qc_stats, model.qc_output] if head.qc_sub is not None else [])
     sess = _session(_with_outputs(proto, names), model.threads)
@@ -428,9 +428,9 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
           sensitivity: float = DEFAULT_SENSITIVITY, holdout: float = 0.0, seed: int = 0,
           refit_head_too: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
     """Fit a site model on the films of ``dirs`` and write it to ``out``; returns the provenance."""
-    from .modelinfo import sha256_file
-    from .session import load_model
-    from .triage import find_normal_class
+    from ..modelinfo import sha256_file
+    from ..session import load_model
+    from ..triage import find_normal_class
 
     model_edit.require_onnx("cxr-infer adapt")
     if not 0.5 <= sensitivity < 1.0:
@@ -527,7 +527,7 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
          "fit": fit_rates, "sensitivity_lower_bound95": lo_bound}
 
     # the figures before/after on the held-out films (or, without them, the fit films)
-    from .triage import default_policy
+    from ..triage import default_policy
 
     pol0, _ = default_policy(model.info)
     score0 = 1.0 - softmax(logits, t0)[:, normal]
@@ -593,7 +593,7 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
 def _calibration(base: Any, logits: np.ndarray, label_index: np.ndarray, t0: float, t: float, n: int) -> dict:
     """``cxr.calibration`` of the site model: its temperature and the ECE at the base temperature
     and at the new one, on the fit films of a model class (the base entry kept under ``base_model``)."""
-    from .metrics import expected_calibration_error
+    from ..metrics import expected_calibration_error
 
     known = label_index >= 0
     out = {"temperature": round(t, 6), "fitted_on": f"site films (cxr-infer adapt, {n} films)", "n": int(known.sum()),
@@ -680,7 +680,7 @@ def prove_parity(base, new, head: Head, *, feat_rows: Sequence[str], model, expe
     initializer still used is byte-identical. Numbers: on real films, the new file's probabilities
     are softmax(fitted logits / fitted temperature), its qc_score the refitted check's, and the
     heatmap of every class whose row was not refitted is the base's, exactly."""
-    from .engine import prepare_checked
+    from ..engine import prepare_checked
 
     bi = {i.name: model_edit.tensor_digest(i) for i in base.graph.initializer}
     ni = {i.name: model_edit.tensor_digest(i) for i in new.graph.initializer}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .triage import TriagePolicy, TriageUnavailable, default_policy, policy_for, realised
+from ..triage import TriagePolicy, TriageUnavailable, default_policy, policy_for, realised
 
 __all__ = ["TriageUnavailable", "bench_triage", "bench_triage_policy", "format_bench_triage"]
 
