@@ -272,7 +272,7 @@ def format_text(rep: dict) -> str:
 
 
 def draw_curves(path: "str | os.PathLike[str]", site, model_curve, site_point=None, model_point=None,
-                title: str = "operating curve: site vs model's validation") -> None:
+                title: str = "operating curve: site vs model's validation", model_label: str = "validation") -> None:
     """A small ROC figure (Pillow only: matplotlib is no part of the runtime)."""
     from PIL import Image, ImageDraw
 
@@ -305,8 +305,8 @@ def draw_curves(path: "str | os.PathLike[str]", site, model_curve, site_point=No
     d.text((x0 + side / 2 - 90, y0 + 24), "1 - specificity (normal films referred)", fill="black")
     d.text((6, y0 - side - 18), "sensitivity (abnormal films referred)", fill="black")
     ly = y0 - 70
-    for label, colour in (("this site", (29, 78, 137)), ("model's validation split", (120, 120, 120)),
-                          ("stored point, at this site", (180, 35, 24)), ("stored point, on validation", (120, 120, 120))):
+    for label, colour in (("this site", (29, 78, 137)), (f"model, on its {model_label}", (120, 120, 120)),
+                          ("stored point, at this site", (180, 35, 24)), (f"stored point, {model_label}", (120, 120, 120))):
         d.line([(x0 + side - 190, ly), (x0 + side - 165, ly)], fill=colour, width=3)
         d.text((x0 + side - 160, ly - 6), label, fill="black")
         ly += 16
@@ -323,7 +323,10 @@ def write_markdown(rep: dict, md_path: "str | os.PathLike[str]") -> Path:
     v = t.get("validation") or {}
     model_pt = [1 - v["specificity"], v["sensitivity"]] if v.get("specificity") is not None and \
         v.get("sensitivity") is not None else None
-    draw_curves(png, rep.get("curve"), rep.get("model_curve"), site_pt, model_pt)
+    own = v.get("fitted_on") or "validation split"
+    short = "fit films" if own.startswith("site") else "validation"  # a site model's own figures are its fit films'
+    draw_curves(png, rep.get("curve"), rep.get("model_curve"), site_pt, model_pt,
+                title=f"operating curve: this site vs the model's own ({own})", model_label=short)
     body = format_text(rep)
     md_path.write_text(f"# Site validation\n\n**{rep['verdict']['text']}**\n\n![site operating curve against the "
                        f"model's]({png.name})\n\n```\n{body}\n```\n\nIntervals: 95 % Wilson (rates), Hanley-McNeil "
