@@ -29,13 +29,12 @@ import socket
 import sys
 import threading
 import time
-from array import array
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 from .discover import Entry, iter_inputs
-from .engine import ScanStats, iter_scan
+from .engine import ScanStats, check_shift, iter_scan
 
 # Files per shard. On 2 shared cores (Intel Xeon, docs/cluster.md) a shard costs about 20 ms of
 # Dask round trip plus the shard's last batch, so 2,000 files of about 16 ms each keep that
@@ -407,8 +406,9 @@ class ShardedOutput:
             line = {"shard": shard.index, "files": shard.files, "digest": shard.digest, "end": self.size,
                     "ok": stats.ok, "errors": stats.errors, "withheld": stats.withheld,
                     "skipped": sum(shard.skips.values()),
-                    # the shift check's inputs, so a resumed scan tests every film, not only this run's
-                    "shift": [[round(v, 6), lab] for v, lab in zip(stats.shift_scores, stats.shift_labels)]}
+                    # the shift check's inputs, unrounded (JSON keeps a float exactly), so a resumed scan
+                    # tests every film, exactly as an uninterrupted one
+                    "shift": [[v, lab] for v, lab in zip(stats.shift_scores, stats.shift_labels)]}
             self._record(line)
             self.done.append(line)
 
@@ -606,6 +606,9 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
     for line in out.done:
         for key in run.earlier:
             run.earlier[key] += line.get(key, 0) if key != "files" else line["files"]
+        for v, lab in line.get("shift") or []:  # the shift check is over the whole scan, earlier shards first
+            run.stats.shift_scores.append(v)
+            run.stats.shift_labels.append(lab)
     client = cluster = None
     stats = run.stats
     t0 = time.perf_counter()
@@ -643,15 +646,7 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
              "the counts below are this run's")
     if stats.files == 0 and not stats.interrupted and not run.shards_resumed:
         echo("warning: no image files found in " + ", ".join(map(str, paths)))
-    from .site import shift as shift_mod
-
-    scores, labels = array("d"), []  # earlier runs' shards first: the check is over the whole scan
-    for line in out.done[:run.shards_resumed]:
-        for v, lab in line.get("shift") or []:
-            scores.append(v)
-            labels.append(lab)
-    scores.extend(stats.shift_scores)
-    stats.shift = shift_mod.check(getattr(model, "shift_reference", None), scores, labels + stats.shift_labels)
+    check_shift(model, stats)
     for text in scan_summary_lines(stats, model.classes, policy, no_triage):
         echo(text)
     rep = build_report(model, stats, batch_size=min(batch_size, model.max_batch or batch_size),

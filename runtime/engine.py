@@ -384,8 +384,13 @@ def iter_scan(
     finally:
         stats.finished = time.perf_counter()
         pool.shutdown(wait=False, cancel_futures=True)
-        # the folder-level shift check, over every film this scan (and earlier ones into the same stats) saw
-        stats.shift = shift_mod.check(getattr(model, "shift_reference", None), stats.shift_scores, stats.shift_labels)
+        check_shift(model, stats)
+
+
+def check_shift(model: Model, stats: ScanStats) -> None:
+    """The folder-level shift check over every film ``stats`` has seen (this scan's, and any earlier
+    scan's counted into the same stats, e.g. a resumed cluster scan's shards)."""
+    stats.shift = shift_mod.check(getattr(model, "shift_reference", None), stats.shift_scores, stats.shift_labels)
 
 
 def scan_files(
