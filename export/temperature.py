@@ -22,17 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr.runtime.metrics import expected_calibration_error
+from cxr.runtime.metrics import expected_calibration_error, golden_section_min, softmax  # noqa: F401 (softmax: temperature.softmax)
 
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)  # searched; a fit at either end is reported as such
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
@@ -52,20 +45,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, tol: float = 1e-6) -
     if labels.min() < 0 or labels.max() >= logits.shape[1]:
         raise ValueError("labels must be class indices of the logits")
     f = lambda log_beta: nll(logits, labels, 1.0 / math.exp(log_beta))  # noqa: E731
-    a, b = -math.log(T_RANGE[1]), -math.log(T_RANGE[0])
-    g = (math.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    return 1.0 / math.exp((a + b) / 2)
+    return 1.0 / math.exp(golden_section_min(f, -math.log(T_RANGE[1]), -math.log(T_RANGE[0]), tol))
 
 
 def reliability_bins(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict:

@@ -7,6 +7,8 @@ needs no sklearn. ECE uses equal-width confidence bins.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -146,3 +148,28 @@ def format_per_source(table: dict[str, dict], classes: list[str], title: str = "
     lines = [title, "  ".join(h.ljust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` in float64."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def golden_section_min(f, a: float, b: float, tol: float = 1e-6) -> float:
+    """The minimiser of a unimodal ``f`` on [a, b] by golden-section search, to within ``tol``."""
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = f(d)
+    return (a + b) / 2

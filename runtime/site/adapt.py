@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import model_edit
-from ..metrics import auroc
+from ..metrics import auroc, golden_section_min, softmax
 from . import shift as shift_mod
-from .validate import ValidateError, collect, rate, wilson
+from .validate import collect, rate, rate_text, wilson
 
 FORMAT = "cxr-adaptation/1"
 MIN_GROUP = 30  # normal and abnormal films each (fit part); below it the fit would be noise
@@ -227,13 +226,6 @@ def _lse(a: np.ndarray, axis: int = 1) -> np.ndarray:
     return (m + np.log(np.exp(a - m).sum(axis=axis, keepdims=True))).squeeze(axis)
 
 
-def softmax(logits: np.ndarray, t: float) -> np.ndarray:
-    z = logits.astype(np.float64) / t
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def normal_margin(logits: np.ndarray, t: float, normal: int) -> np.ndarray:
     """log P(normal) - log P(not normal) at temperature ``t``."""
     z = logits.astype(np.float64) / t
@@ -362,20 +354,7 @@ def fit_temperature(logits: np.ndarray, label_index: np.ndarray, abnormal: np.nd
             s += -np.log(np.clip(p_not, 1e-300, None)).sum()
         return float(s / max(1, known.sum() + other.sum()))
 
-    lo, hi = math.log(0.05), math.log(20.0)  # golden-section search on log t
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(math.exp(a)), nll(math.exp(b))
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(math.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(math.exp(b))
-    t = math.exp((lo + hi) / 2)
+    t = math.exp(golden_section_min(lambda log_t: nll(math.exp(log_t)), math.log(0.05), math.log(20.0)))
     return t, {"nll_at": nll(t)}
 
 
@@ -727,16 +706,6 @@ def prove_parity(base, new, head: Head, *, feat_rows: Sequence[str], model, expe
     return rep
 
 
-def _pct(r) -> str:
-    v = r.get("value") if isinstance(r, dict) else r
-    return "-" if v is None else f"{100 * v:.1f} %"
-
-
-def _ci(r: dict) -> str:
-    lo, hi = r["ci95"]
-    return f"{_pct(r)} ({100 * lo:.1f}-{100 * hi:.1f}, {r['k']}/{r['n']})" if lo is not None else "-"
-
-
 def format_text(prov: dict) -> str:
     """The plain summary printed on stderr (and, indented, in the card)."""
     r = prov["refitted"]
@@ -748,25 +717,25 @@ def format_text(prov: dict) -> str:
              f"  (d) head: {'refitted' if h['adopted'] else 'shipped head kept'}: {h['why']}",
              f"  (b) temperature: {t['before']:.4g} -> {t['after']:.4g}",
              f"  (a) refer when P(not Normal) >= {a['threshold']:.6g} for sensitivity {a['asked_sensitivity']:g}: on the "
-             f"fit films sensitivity {_ci(a['fit']['sensitivity'])}, specificity {_ci(a['fit']['specificity'])}; "
+             f"fit films sensitivity {rate_text(a['fit']['sensitivity'])}, specificity {rate_text(a['fit']['specificity'])}; "
              f"95 % lower bound of the sensitivity {100 * a['sensitivity_lower_bound95']:.1f} %"]
     if q.get("refitted"):
         lines.append(f"  (c) input check: median qc_score {q['median_before']:.3g} -> {q['median_after']:.3g}; "
-                     f"unfamiliar {_ci(q['unfamiliar_before'])} -> {_ci(q['unfamiliar_after'])}")
+                     f"unfamiliar {rate_text(q['unfamiliar_before'])} -> {rate_text(q['unfamiliar_after'])}")
     else:
         lines.append("  (c) input check: not refitted (the model has none)")
     lines.append(f"  on {ev['on']} ({ev['n']}): AUROC {ev['auroc_shipped']:.4f} shipped -> {ev['auroc_adapted']:.4f} adapted")
     if ev.get("shipped_point"):
         s = ev["shipped_point"]
-        lines.append(f"    shipped point ({s['threshold']:.4g}): sensitivity {_ci(s['sensitivity'])}, "
-                     f"specificity {_ci(s['specificity'])}")
+        lines.append(f"    shipped point ({s['threshold']:.4g}): sensitivity {rate_text(s['sensitivity'])}, "
+                     f"specificity {rate_text(s['specificity'])}")
     s = ev["adapted_point"]
-    lines.append(f"    adapted point ({s['threshold']:.4g}): sensitivity {_ci(s['sensitivity'])}, "
-                 f"specificity {_ci(s['specificity'])}")
+    lines.append(f"    adapted point ({s['threshold']:.4g}): sensitivity {rate_text(s['sensitivity'])}, "
+                 f"specificity {rate_text(s['specificity'])}")
     p = prov["parity"]
     lines.append(f"  parity on {p['films']} films: probabilities within {p['probabilities_max_abs_diff']:.2g}"
                  + (f", qc_score within {p['qc_score_max_abs_diff']:.2g}" if "qc_score_max_abs_diff" in p else "")
-                 + (f", heatmaps of unrefitted classes identical" if "cam_unrefitted_classes_max_abs_diff" in p else "")
+                 + (", heatmaps of unrefitted classes identical" if "cam_unrefitted_classes_max_abs_diff" in p else "")
                  + f"; {len(p['nodes_rewired'])} nodes rewired, {p['nodes_otherwise_identical']} identical, "
                    f"no base weight changed")
     return "\n".join(lines)

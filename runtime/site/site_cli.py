@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from ..cli_options import precision_option
 from ..exit_status import EXIT_USAGE
 
 
@@ -101,7 +102,7 @@ def validate_command(ctx, dirs, model_path, precision, sensitivity, report_path,
               help="The site model to write (a new file; the base model is never modified). Its card goes beside it.")
 @click.option("--model", "model_path", type=click.Path(dir_okay=False), default=None,
               help="The base model (cxr-export's, or an earlier site model). Default: the shipped model.")
-@click.option("--precision", type=click.Choice(["fp32", "int8"]), default=None, help="Which shipped model. Not with --model.")
+@precision_option
 @click.option("--sensitivity", type=click.FloatRange(0.5, 1.0, max_open=True), default=0.98, show_default=True,
               help="The sensitivity to abnormal films the site's refer threshold must give.")
 @click.option("--holdout", type=click.FloatRange(0.0, 0.9, max_open=True), default=0.0, show_default=True,
@@ -129,9 +130,7 @@ def adapt_command(ctx, dirs, out_path, model_path, precision, sensitivity, holdo
     from .shift_reference import stderr_progress
     from .validate import ValidateError
 
-    if model_path is not None and precision is not None:
-        raise click.UsageError("--precision picks one of the shipped models; it cannot be combined with --model")
-    try:
+    try:  # resolve_model_path refuses --precision with --model
         base = resolve_model_path(model_path, precision)
         prov = adapt(base, dirs, out_path, sensitivity=sensitivity, holdout=holdout, seed=seed,
                      refit_head_too=not no_head,

@@ -48,7 +48,7 @@ def rate(k: int, n: int) -> dict:
     return {"k": int(k), "n": int(n), "value": (k / n) if n else None, "ci95": [lo, hi]}
 
 
-def auroc_ci(neg, pos) -> dict:
+def aurocrate_text(neg, pos) -> dict:
     """AUROC with Hanley-McNeil's 95 % interval."""
     a = auroc(neg, pos)
     if a is None:
@@ -150,7 +150,7 @@ def measure(model, items: Sequence[LabelledImage], kinds: Sequence[str], policy,
                            "referred": policy.referred, "fitted_on": policy.fitted_on}})
     curve = None
     if score is not None:
-        triage["auroc"] = auroc_ci(score[is_normal], score[~is_normal])
+        triage["auroc"] = aurocrate_text(score[is_normal], score[~is_normal])
         curve = roc_points(score[is_normal], score[~is_normal])
     flagged = sum(1 for i in ok if qc_flagged(results[i].qc))
     op = operating_points(model.info) if _has_table(model) else None
@@ -235,7 +235,8 @@ def _p(x) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
 
-def _ci(r: dict) -> str:
+def rate_text(r: dict) -> str:
+    """A rate as the reports print it: value (95 % interval; k/n)."""
     lo, hi = r["ci95"]
     return "-" if r["value"] is None else f"{_p(r['value'])} ({_p(lo)}-{_p(hi)}; {r['k']}/{r['n']})"
 
@@ -247,16 +248,16 @@ def format_text(rep: dict) -> str:
     mc = rep["model"].get("per_class_test") or {}
     for c, v in rep["per_class"].items():
         m = mc.get(c) or {}
-        L.append(f"  {c}: sensitivity {_ci(v['sensitivity'])}  [model's test split {_p(m.get('sensitivity'))}]; "
-                 f"specificity {_ci(v['specificity'])}  [{_p(m.get('specificity'))}]")
+        L.append(f"  {c}: sensitivity {rate_text(v['sensitivity'])}  [model's test split {_p(m.get('sensitivity'))}]; "
+                 f"specificity {rate_text(v['specificity'])}  [{_p(m.get('specificity'))}]")
     t = rep["triage"]
     if t.get("available"):
         v = t["validation"]
         L.append(f"  triage at the stored point (refer when P(not Normal) >= {t['threshold']:.4g}; "
                  f"[validation ...] is the model's own figure, on the {v.get('fitted_on') or 'validation split'}):")
-        L.append(f"    abnormal referred (sensitivity) {_ci(t['sensitivity'])}  [validation {_p(v['sensitivity'])}]")
-        L.append(f"    normal routine (specificity)    {_ci(t['specificity'])}  [validation {_p(v['specificity'])}]")
-        L.append(f"    referred                        {_ci(t['referred'])}  [validation {_p(v['referred'])}]")
+        L.append(f"    abnormal referred (sensitivity) {rate_text(t['sensitivity'])}  [validation {_p(v['sensitivity'])}]")
+        L.append(f"    normal routine (specificity)    {rate_text(t['specificity'])}  [validation {_p(v['specificity'])}]")
+        L.append(f"    referred                        {rate_text(t['referred'])}  [validation {_p(v['referred'])}]")
     a = t.get("auroc") or {}
     if a.get("value") is not None:
         L.append(f"  AUROC of P(not Normal), normal vs abnormal: {a['value']:.3f} ({a['ci95'][0]:.3f}-{a['ci95'][1]:.3f})"
@@ -264,7 +265,7 @@ def format_text(rep: dict) -> str:
     if rep["ece"] is not None:
         L.append(f"  ECE on the {rep['ece_on']} films of the model's classes: {rep['ece']:.4f}  [validation "
                  f"{rep['model'].get('ece_validation')}]")
-    L.append(f"  input check flagged {_ci(rep['flagged_by_input_check'])}; withheld {_ci(rep['withheld'])}")
+    L.append(f"  input check flagged {rate_text(rep['flagged_by_input_check'])}; withheld {rate_text(rep['withheld'])}")
     if rep.get("shift"):
         L.append("  " + rep["shift"]["message"])
     L.append("verdict: " + rep["verdict"]["text"])
