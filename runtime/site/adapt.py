@@ -173,25 +173,11 @@ def _session(proto, threads: int | None = None):
 # ----------------------------------------------------------------------------- the films
 
 
-@dataclass
-class Films:
-    """What the base model computes for each readable film, in order."""
-
-    paths: list[str]
-    folders: list[str]  # the class folder each came from
-    abnormal: np.ndarray  # bool: counts as abnormal for triage
-    label_index: np.ndarray  # model class index, or -1 for a folder no class is named after
-    logits: np.ndarray  # [n, K]
-    features: np.ndarray  # [n, d]
-    stats: np.ndarray | None  # [n, m] the input check's statistics
-    qc_score: np.ndarray | None
-    early: list  # header/pixel verdicts (None: no objection)
-    unreadable: list[tuple[str, str]]
-
-
 def embed(model, head: Head, proto, paths: Sequence[str], progress: Callable[[int, int], None] | None = None,
           batch_size: int = 16):
-    """Run the base graph once over ``paths``, keeping its logits, features and qc statistics."""
+    """Run the base graph once over ``paths``: (rows, unreadable, sample), rows being (index, [logits,
+    features, qc statistics, qc_score, header/pixel verdict]) of each readable film in order, and
+    sample the model inputs of the first ``PARITY_FILMS`` of them (the parity proof runs on those)."""
     from ..engine import prepare_checked
 
     names = [head.logits, head.features] + ([head.qc_stats, model.qc_output] if head.qc_sub is not None else [])
@@ -200,6 +186,7 @@ def embed(model, head: Head, proto, paths: Sequence[str], progress: Callable[[in
     pp = model.info.preprocess
     rows: list[tuple[int, list]] = []
     bad: list[tuple[int, str]] = []
+    sample: list[np.ndarray] = []
     done = 0
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(paths), batch_size):
@@ -209,13 +196,14 @@ def embed(model, head: Head, proto, paths: Sequence[str], progress: Callable[[in
             bad += [(i, p[1]) for i, p in zip(chunk, prepared) if p[1] is not None]
             if keep:
                 x = np.stack([p[0] for _, p in keep]).astype(np.float32)
+                sample += list(x[: PARITY_FILMS - len(sample)])
                 outs = sess.run(names, {iname: x})
                 for j, (i, p) in enumerate(keep):
                     rows.append((i, [np.asarray(o[j], np.float32).reshape(-1) for o in outs] + [p[4]]))
             done += len(chunk)
             if progress:
                 progress(done, len(paths))
-    return rows, bad
+    return rows, bad, np.stack(sample) if sample else None
 
 
 # ----------------------------------------------------------------------------- the fits
@@ -430,7 +418,7 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
     proto = model_edit.load_proto(base_path, "cxr-infer adapt")
     head = locate(proto)
 
-    rows, bad = embed(model, head, proto, [str(it.path) for it in items], progress)
+    rows, bad, sample = embed(model, head, proto, [str(it.path) for it in items], progress)
     if not rows:
         raise AdaptError("no film could be read")
     idx = np.array([i for i, _ in rows])
@@ -558,7 +546,7 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
                                           precision=model.info.precision)
         props["cxr." + shift_mod.METADATA_KEY] = model_edit.encode(entry)
     model_edit.set_props(new, props)
-    parity = prove_parity(proto, new, head, feat_rows=[str(items[i].path) for i in idx[:PARITY_FILMS]], model=model,
+    parity = prove_parity(proto, new, head, x=sample,
                           expect_logits=logits1[:PARITY_FILMS], t1=t1, expect_qc=None if qc1 is None else qc1[:PARITY_FILMS],
                           normal=normal, head_changed=d["adopted"], base_logits=logits[:PARITY_FILMS])
     prov["parity"] = parity
@@ -653,13 +641,12 @@ def _rewrite(proto, head: Head, normal: int, weight, bias, temperature: float, q
     return m
 
 
-def prove_parity(base, new, head: Head, *, feat_rows: Sequence[str], model, expect_logits, t1: float, expect_qc,
+def prove_parity(base, new, head: Head, *, x: np.ndarray, expect_logits, t1: float, expect_qc,
                  normal: int, head_changed: bool, base_logits=None) -> dict:
     """Structure: every node has the base's op and inputs except the rewired ones, every base
     initializer still used is byte-identical. Numbers: on real films, the new file's probabilities
     are softmax(fitted logits / fitted temperature), its qc_score the refitted check's, and the
     heatmap of every class whose row was not refitted is the base's, exactly."""
-    from ..engine import prepare_checked
 
     bi = {i.name: model_edit.tensor_digest(i) for i in base.graph.initializer}
     ni = {i.name: model_edit.tensor_digest(i) for i in new.graph.initializer}
@@ -670,9 +657,6 @@ def prove_parity(base, new, head: Head, *, feat_rows: Sequence[str], model, expe
     if [n.op_type for n in base.graph.node] != [n.op_type for n in new.graph.node]:
         raise model_edit.ModelEditError("adapt changed the graph's nodes; refusing to write the model")
     rewired = [n.name or n.output[0] for a, n in zip(base.graph.node, new.graph.node) if list(a.input) != list(n.input)]
-    pp = model.info.preprocess
-    x = [prepare_checked(p, pp)[0] for p in feat_rows]
-    x = np.stack([v for v in x if v is not None]).astype(np.float32)
     outs = [o.name for o in new.graph.output]
     b_out = dict(zip(outs, _session(base).run(outs, {base.graph.input[0].name: x})))
     n_out = dict(zip(outs, _session(new).run(outs, {new.graph.input[0].name: x})))
