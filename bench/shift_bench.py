@@ -25,20 +25,35 @@ from cxr.runtime.session import load_model
 from cxr.runtime.site.shift_reference import score_films, split_items, stderr_progress
 
 
+def stats_of(films: list, idx) -> shift.ShiftStats:
+    st = shift.ShiftStats()
+    for i in idx:
+        st.add(films[i][0], films[i][1])
+    return st
+
+
 def rate(ref, films: list, size: int, subsets: int, rng) -> dict:
     """Share of ``subsets`` random subsets of ``size`` films (without replacement) the check flags;
-    ``films`` are (qc_score, top-1 class)."""
-    scores = np.asarray([f[0] for f in films])
-    labels = np.asarray([f[1] for f in films], dtype=object)
-    size = min(size, len(scores))
+    ``films`` are (shift features, top-1 class)."""
+    size = min(size, len(films))
+    hits = [shift.check(ref, stats_of(films, rng.choice(len(films), size, replace=False))).detected
+            for _ in range(subsets)]
+    whole = shift.check(ref, stats_of(films, range(len(films))))
+    return {"films": int(len(films)), "subset_size": size, "subsets": subsets, "flagged": float(np.mean(hits)),
+            "whole_folder": {"detected": whole.detected, "p_value": whole.p_value, "statistic": whole.statistic,
+                             "dof": whole.dof, "closest": whole.closest}}
+
+
+def mixed(ref, a: list, b: list, size: int, subsets: int, rng) -> dict:
+    """Folders of ``size`` / 2 films of each of two sources (a mix the validation split does not have)."""
+    k = min(size // 2, len(a), len(b))
+    films = a + b
     hits = []
     for _ in range(subsets):
-        idx = rng.choice(len(scores), size, replace=False)
-        hits.append(shift.check(ref, scores[idx], labels[idx]).detected)
-    whole = shift.check(ref, scores, labels)
-    return {"films": int(len(scores)), "subset_size": size, "subsets": subsets, "flagged": float(np.mean(hits)),
-            "whole_folder": {"detected": whole.detected, "p_value": whole.p_value, "auc": whole.statistic,
-                             "closest": whole.closest, "median": whole.median}}
+        idx = np.r_[rng.choice(len(a), k, replace=False), len(a) + rng.choice(len(b), k, replace=False)]
+        hits.append(shift.check(ref, stats_of(films, idx)).detected)
+    return {"films": len(films), "subset_size": 2 * k, "subsets": subsets, "flagged": float(np.mean(hits)),
+            "whole_folder": {"detected": None, "p_value": None, "statistic": None, "dof": None, "closest": None}}
 
 
 def main(argv=None) -> int:
@@ -71,7 +86,8 @@ def main(argv=None) -> int:
 
     def scored_once(key, paths):
         if key not in cache:
-            cache[key] = score_films(model, paths, stderr_progress(Path(key).name))
+            cache[key] = [(qc, None if f is None else [float(x) for x in f], c)
+                          for qc, f, c, _ in score_films(model, paths, stderr_progress(Path(key).name))]
             if a.cache:
                 Path(a.cache).write_text(json.dumps(cache))
         return cache[key]
@@ -86,6 +102,10 @@ def main(argv=None) -> int:
             groups[f"source {src} / {it['label']}"].append((s, c))
     for name, v in sorted(groups.items()):
         out["in_source"][name] = rate(ref, v, a.size, a.subsets, rng)
+    srcs = sorted(k for k in groups if k.startswith("source ") and " / " not in k)
+    for i, x in enumerate(srcs):
+        for y in srcs[i + 1:]:
+            out["in_source"][f"half {x[7:]} + half {y[7:]}"] = mixed(ref, groups[x], groups[y], a.size, a.subsets, rng)
 
     for folder in a.unseen:
         _, found = discover_labelled(folder)
@@ -98,14 +118,15 @@ def main(argv=None) -> int:
         for name, v in sorted(by.items()):
             out["unseen"][name] = rate(ref, v, a.size, a.subsets, rng)
 
-    print(f"shift check (alpha {ref.alpha}, minimum {ref.min_films} films) on {a.model}")
+    print(f"shift check (alpha {ref.alpha}, minimum {ref.min_films} films, {ref.dim} features) on {a.model}")
     print(f"{'folder':<60} {'films':>6} {'subsets of':>10} {'flagged':>8}  whole folder")
     for kind in ("in_source", "unseen"):
         print(f"-- {'held-out in-source films (false alarms)' if kind == 'in_source' else 'unseen source (alarms)'}")
         for name, r in out[kind].items():
             w = r["whole_folder"]
             print(f"{name:<60} {r['films']:>6} {r['subset_size']:>10} {100 * r['flagged']:>7.1f}%  "
-                  f"{'DETECTED' if w['detected'] else 'no'} (p {w['p_value']}, auc {w['auc']} vs {w['closest']})")
+                  f"{'-' if w['detected'] is None else 'DETECTED' if w['detected'] else 'no'} "
+                  f"(p {w['p_value']}, T {w['statistic']} on {w['dof']} vs {w['closest']})")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -107,10 +107,26 @@ def _train_command(ckpt: dict, override: str | None) -> str | None:
     return None
 
 
-def _seal(partial: Path, dest: Path, info: ModelInfo, check) -> None:
-    """Embed the metadata, check the finished file, then move it to ``dest`` in one rename: a
+def _seal(partial: Path, dest: Path, info: ModelInfo, check, man=None) -> None:
+    """Embed the metadata, add the shift check's reference (from ``man``'s validation films, for a
+    model with an input check), check the finished file, then move it to ``dest`` in one rename: a
     model file exists under its final name only once everything about it has passed."""
     onnx_export.write_metadata(partial, info.to_props())
+    if man is not None and "input_check" in info.extra and man.split("val"):
+        from cxr.runtime.site.shift_reference import add_reference
+
+        log("shift check: adding its reference from the validation films")
+        items = [(str(p), man.source_of.get(p, "") or "all") for p, _ in man.split("val")]
+        try:
+            done = add_reference(partial, partial, str(man.path), items=items, progress=False)
+        except ValueError as exc:
+            log(f"shift check: no reference in {dest.name} ({exc}); scans will say the check did not run")
+            done = None
+        if done:
+            log(f"shift check: reference from {done['films']} validation films ("
+                + ", ".join(f"{k} {n}" for k, n in done["sources"].items())
+                + f"); output shift_features ({done['dim']} columns); every other output bit-identical on "
+                  f"{done['parity']['films']} films")
     check(partial)
     os.replace(partial, dest)
 
@@ -395,11 +411,9 @@ def run_export(ctx: click.Context, checkpoint: Path, out: Path, do_int8: bool, m
         }
         if qc_meta is not None:
             fp32_extra["input_check"] = qc_meta
-            if "fp32" in qc.shift_references:
-                fp32_extra["shift_reference"] = qc.shift_references["fp32"]
         info = ModelInfo(classes=classes, preprocess=pp, arch=ckpt["arch"], precision="fp32",
                          input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=fp32_extra)
-        _seal(partial, out, info, onnx_export.check_onnx)
+        _seal(partial, out, info, onnx_export.check_onnx, man)
     finally:
         partial.unlink(missing_ok=True)
     _announce(out, card)
@@ -542,14 +556,12 @@ def _export_int8(ctx, report, out, int8_out, man, classes, pp, ev, p_torch, p_on
             }
             if qc_meta is not None:
                 extra["input_check"] = qc_meta
-                if "int8" in qc.shift_references:
-                    extra["shift_reference"] = qc.shift_references["int8"]
             info = ModelInfo(classes=classes, preprocess=pp, arch=report["checkpoint"]["arch"], precision="int8",
                              input_name=onnx_export.INPUT_NAME, output=onnx_export.OUTPUT_NAME, extra=extra)
             import onnx
 
             # QDQ graphs get the plain checker; the fp32 check's strict shape inference is for fp32
-            _seal(partial, int8_out, info, lambda p: onnx.checker.check_model(str(p)))
+            _seal(partial, int8_out, info, lambda p: onnx.checker.check_model(str(p)), man)
         finally:
             partial.unlink(missing_ok=True)
     _announce(int8_out, card, f", scheme {scheme.name}")
@@ -586,7 +598,7 @@ def _fit_input_check(model, ckpt, man, pp, components, train_limit, val_limit, s
         f"({', '.join(f'{t.name} {t.dim}' for t in fitted.taps)})")
     default_source = (ckpt.get("training_data") or {}).get("name") or Path(str(man.root)).name or "all"
     return fitted, CheckExport(fitted, pp, man, default_source, val_limit, seed, ood_dirs, atol, rtol,
-                               int8_min_spearman, classes=list(ckpt["classes"]))
+                               int8_min_spearman)
 
 
 if __name__ == "__main__":  # pragma: no cover

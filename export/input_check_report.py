@@ -233,27 +233,6 @@ def dev_report(ood: CheckSet, ood_scores: np.ndarray, val_scores: np.ndarray, th
             "used_for": "reporting only: not used to choose the thresholds or any parameter"}
 
 
-def ort_top1(session, u8: np.ndarray, pp: Preprocessing, batch: int = 32) -> np.ndarray:
-    """Top-1 class index of cached uint8 images through the model file's ``probabilities``."""
-    name = session.get_inputs()[0].name
-    out = [np.asarray(session.run(["probabilities"], {name: normalize(u8[i:i + batch], pp)})[0]).argmax(1)
-           for i in range(0, len(u8), batch)]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
-
-
-def shift_entry(scores: np.ndarray, top1: np.ndarray, classes: Sequence[str], val: CheckSet, th: dict,
-                precision: str) -> dict:
-    """``cxr.shift_reference``, the folder-level shift check's reference (``cxr.runtime.site.shift``): this
-    file's own validation scores, per source and top-1 class, of the films its input check judges to
-    be chest X-rays (``ok`` or ``unfamiliar``, as the scan counts them)."""
-    from cxr.runtime.site.shift import build_reference
-
-    keep = verdicts(scores, val.early, th) < 2
-    return build_reference(np.asarray(scores)[keep], [g for g, k in zip(val.groups, keep) if k],
-                           [classes[int(i)] for i, k in zip(top1, keep) if k],
-                           fitted_on="validation split", precision=precision)
-
-
 # --------------------------------------------------------------------------- parity
 
 def score_parity(reference: np.ndarray, other: np.ndarray, atol: float, rtol: float, source: str) -> dict:
@@ -409,9 +388,8 @@ class CheckExport:
 
     def __init__(self, fitted: FittedCheck, pp: Preprocessing, man: Manifest, default_source: str,
                  val_limit: int, seed: int, ood_dirs: Sequence[Path], atol: float, rtol: float,
-                 int8_min_spearman: float = 0.9, classes: Sequence[str] | None = None):
+                 int8_min_spearman: float = 0.9):
         self.fitted, self.pp, self.atol, self.rtol = fitted, pp, atol, rtol
-        self.classes = list(classes or [])  # the shift reference's strata are class names
         self.int8_min_spearman = int8_min_spearman
         log("input check: loading the validation split (it chooses the thresholds)")
         self.val = validation_set(man, pp, default_source, val_limit, seed)
@@ -420,7 +398,6 @@ class CheckExport:
             self.ood = [CheckSet(", ".join(o.name for o in self.ood), np.concatenate([o.u8 for o in self.ood]),
                                  [g for o in self.ood for g in o.groups], [e for o in self.ood for e in o.early])]
         self.fp32_val: dict = {}
-        self.shift_references: dict = {}  # precision -> cxr.shift_reference, from the same validation scores
         self.orientation = None
         if fitted.layout_template is not None:
             self.orientation = orientation_entry(fitted.layout_template, self.val, self.ood[0] if self.ood else None)
@@ -445,12 +422,6 @@ class CheckExport:
             int8.update(int8_agreement(self.val, self.fp32_val["val"], self.fp32_val["th"], s_val, th))
         entry = metadata_entry(self.fitted, th, rates, parity, precision, dev, int8, self.orientation)
         report = {**entry, "development_set_full": dev}
-        if session is not None and self.classes:
-            try:
-                self.shift_references[precision] = shift_entry(s_val, ort_top1(session, self.val.u8, self.pp),
-                                                               self.classes, self.val, th, precision)
-            except ValueError as exc:
-                log(f"shift check: no reference in the {precision} file ({exc}); scans will say the check did not run")
         for line in text_lines(entry):
             log(line.strip())
         return entry, report

@@ -117,7 +117,7 @@ class Classifier:
     def _predict(self, x, cam: bool = False):
         """(Prediction with its input check and triage, maps [K, h, w] or None) for one image."""
         tensor, early = self._tensor(x)
-        probs, maps, scores = self.model.run_outputs(tensor[None], cam=cam)
+        probs, maps, scores, _ = self.model.run_outputs(tensor[None], cam=cam)
         score = None if scores is None else float(scores[0])
         verdict = checked_verdicts(self.model, tensor[None], [early], scores)[0]
         pred = to_prediction(probs[0], self.model.classes, verdict, score, self.show_unfamiliar)

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 from .discover import Entry, iter_inputs
 from .engine import ScanStats, check_shift, iter_scan
+from .site.shift import ShiftStats
 
 # Files per shard. On 2 shared cores (Intel Xeon, docs/cluster.md) a shard costs about 20 ms of
 # Dask round trip plus the shard's last batch, so 2,000 files of about 16 ms each keep that
@@ -285,8 +286,7 @@ def merge_stats(into: ScanStats, part: ScanStats) -> None:
     into.inference_s += part.inference_s
     into.batches += part.batches
     into.image_latency_s.extend(part.image_latency_s)
-    into.shift_scores.extend(part.shift_scores)
-    into.shift_labels.extend(part.shift_labels)
+    into.shift_stats.merge(part.shift_stats)
 
 
 class ShardedOutput:
@@ -406,9 +406,9 @@ class ShardedOutput:
             line = {"shard": shard.index, "files": shard.files, "digest": shard.digest, "end": self.size,
                     "ok": stats.ok, "errors": stats.errors, "withheld": stats.withheld,
                     "skipped": sum(shard.skips.values()),
-                    # the shift check's inputs, unrounded (JSON keeps a float exactly), so a resumed scan
-                    # tests every film, exactly as an uninterrupted one
-                    "shift": [[v, lab] for v, lab in zip(stats.shift_scores, stats.shift_labels)]}
+                    # the shift check's sufficient statistics, unrounded (JSON keeps a float exactly), so
+                    # a resumed scan tests every film, exactly as an uninterrupted one
+                    "shift": stats.shift_stats.to_json()}
             self._record(line)
             self.done.append(line)
 
@@ -606,9 +606,8 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
     for line in out.done:
         for key in run.earlier:
             run.earlier[key] += line.get(key, 0) if key != "files" else line["files"]
-        for v, lab in line.get("shift") or []:  # the shift check is over the whole scan, earlier shards first
-            run.stats.shift_scores.append(v)
-            run.stats.shift_labels.append(lab)
+        # the shift check is over the whole scan: the finished shards' statistics count too
+        run.stats.shift_stats.merge(ShiftStats.from_json(line.get("shift") if isinstance(line.get("shift"), dict) else None))
     client = cluster = None
     stats = run.stats
     t0 = time.perf_counter()

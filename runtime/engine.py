@@ -97,6 +97,7 @@ class ScanResult:
     error: str | None = None
     heatmap: Any = field(default=None, repr=False, compare=False)
     preview: Any = field(default=None, repr=False, compare=False)
+    features: Any = field(default=None, repr=False, compare=False)  # the shift check's [D] row, when the model has one
 
     @property
     def status(self) -> str:
@@ -137,8 +138,7 @@ class ScanStats:
     withheld: int = 0  # classified rows whose prediction is withheld (input check)
     qc: Counter = field(default_factory=Counter)  # input-check verdicts of the classified rows
     triage: Counter = field(default_factory=Counter)  # "refer"/"routine" counts
-    shift_scores: array = field(default_factory=lambda: array("d"))  # qc_score of films the shift check uses
-    shift_labels: list = field(default_factory=list)  # and their top-1 classes (its strata)
+    shift_stats: Any = field(default_factory=lambda: shift_mod.ShiftStats())  # what the shift check reads
     shift: Any = None  # shift.ShiftResult once the scan ends (docs/site.md)
     skip_reasons: Counter = field(default_factory=Counter)
     read_s: float = 0.0  # summed over images (decode threads run in parallel)
@@ -170,9 +170,8 @@ class ScanStats:
                 self.by_class[result.prediction.label] += 1
             if result.triage:
                 self.triage[result.triage] += 1
-            if shift_mod.eligible(result.prediction.qc, result.prediction.qc_score):
-                self.shift_scores.append(result.prediction.qc_score)
-                self.shift_labels.append(result.prediction.label)
+            if shift_mod.eligible(result.prediction.qc, result.features):
+                self.shift_stats.add(result.features, result.prediction.label, result.prediction.qc_score)
         else:
             self.errors += 1
 
@@ -346,13 +345,14 @@ def iter_scan(
             probs: np.ndarray | None = None
             cams: np.ndarray | None = None
             scores: np.ndarray | None = None
+            feats: np.ndarray | None = None
             infer_error = None
             if tensors:
                 target = batch_size
                 batch = np.stack(tensors)
                 t0 = time.perf_counter()
                 try:
-                    probs, cams, scores = model.run_outputs(batch, cam=heatmaps)
+                    probs, cams, scores, feats = model.run_outputs(batch, cam=heatmaps)
                 except Exception as exc:
                     infer_error = f"inference failed: {exc}"
                 stats.add_batch(len(tensors), time.perf_counter() - t0)
@@ -374,7 +374,8 @@ def iter_scan(
                         result = ScanResult(path, error="model produced non-finite probabilities")
                     else:
                         pred = to_prediction(p, classes, verdict, score, show_unfamiliar)
-                        result = ScanResult(path, prediction=pred, heatmap=cam, preview=preview)
+                        result = ScanResult(path, prediction=pred, heatmap=cam, preview=preview,
+                                            features=None if feats is None else feats[k - 1])
                 result = triage_mod.apply(result, triage)
                 stats.count(result)
                 yield result
@@ -390,7 +391,7 @@ def iter_scan(
 def check_shift(model: Model, stats: ScanStats) -> None:
     """The folder-level shift check over every film ``stats`` has seen (this scan's, and any earlier
     scan's counted into the same stats, e.g. a resumed cluster scan's shards)."""
-    stats.shift = shift_mod.check(getattr(model, "shift_reference", None), stats.shift_scores, stats.shift_labels)
+    stats.shift = shift_mod.check(getattr(model, "shift_reference", None), stats.shift_stats)
 
 
 def scan_files(

@@ -21,8 +21,9 @@ Keys (all values are strings; structured values are JSON):
                         grid, or why the architecture has none (docs/heatmaps.md)
 - ``cxr.input_check``   JSON: the ``qc_score`` output's thresholds and how they were chosen
                         (``inputcheck.ScoreCheck``; absent in models exported before the check)
-- ``cxr.shift_reference`` JSON: the validation films' qc_score per source, the folder-level shift
-                        check's reference (``shift.ShiftReference``; docs/site.md)
+- ``cxr.shift_reference`` JSON: count, mean and covariance of the validation films' input-check
+                        features (the ``shift_features`` output) per source and predicted class, the
+                        folder-level shift check's reference (``shift.ShiftReference``; docs/site.md)
 - ``cxr.adaptation``    JSON: a site model's provenance -- base model sha256, site films by class,
                         what ``cxr-infer adapt`` refitted, held-out figures (``adapt``; docs/site.md)
 

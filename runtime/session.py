@@ -82,6 +82,7 @@ class Model:
     qc_output: str | None = None  # the graph's qc_score output, when it has one
     input_check: Any = None  # inputcheck.ScoreCheck from cxr.input_check; None: model exported before it
     shift_reference: Any = None  # shift.ShiftReference from cxr.shift_reference; None: the model carries none
+    shift_output: str | None = None  # the graph's shift_features output (cxr-infer shift-reference adds it)
 
     @property
     def has_cam(self) -> bool:
@@ -103,20 +104,23 @@ class Model:
         return np.asarray(out, dtype=np.float32).reshape(batch.shape[0], -1)
 
     def run_outputs(self, batch: np.ndarray, cam: bool = False):
-        """(probabilities [N, K], maps [N, K, h, w] or None, qc_score [N] or None) in one call:
-        the map only when asked (``cam``), the input check's score whenever the graph has one.
+        """(probabilities [N, K], maps [N, K, h, w] or None, qc_score [N] or None, shift features
+        [N, D] or None) in one call: the map only when asked (``cam``), the input check's score
+        whenever the graph has one, the shift check's features when the model carries a reference.
         onnxruntime runs the map's nodes either way (docs/heatmaps.md); not fetching it saves the copy."""
         if cam and self.cam_output is None:
             raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
         if not cam and not self.qc_output:
-            return self.run(batch), None, None
-        names = [self.output_name] + ([self.cam_output] if cam else []) + ([self.qc_output] if self.qc_output else [])
-        outs = self.session.run(names, {self.input_name: batch})
+            return self.run(batch), None, None, None
+        extra = [self.qc_output, self.shift_output] if self.qc_output else []  # shift_output needs qc_output
+        names = [self.output_name] + ([self.cam_output] if cam else []) + [x for x in extra if x]
+        outs = dict(zip(names, self.session.run(names, {self.input_name: batch})))
         n = batch.shape[0]
-        probs = np.asarray(outs[0], dtype=np.float32).reshape(n, -1)
-        maps = np.asarray(outs[1], dtype=np.float32) if cam else None
-        score = np.asarray(outs[-1], dtype=np.float32).reshape(n) if self.qc_output else None
-        return probs, maps, score
+        probs = np.asarray(outs[self.output_name], dtype=np.float32).reshape(n, -1)
+        maps = np.asarray(outs[self.cam_output], dtype=np.float32) if cam else None
+        score = np.asarray(outs[self.qc_output], dtype=np.float32).reshape(n) if self.qc_output else None
+        feats = np.asarray(outs[self.shift_output], dtype=np.float32).reshape(n, -1) if self.shift_output and self.qc_output else None
+        return probs, maps, score, feats
 
     def warmup(self) -> float:
         """One inference on a blank image: lazily allocated buffers and kernels get built here,
@@ -283,6 +287,20 @@ def load_model(
         shift_reference = ShiftReference.from_metadata(info.extra)
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
+    from .site.shift import OUTPUT as SHIFT_OUTPUT
+
+    graph_outputs = {o.name: o for o in session.get_outputs()}
+    shift_output = SHIFT_OUTPUT if (SHIFT_OUTPUT in graph_outputs and qc_output is not None) else None
+    if shift_reference is not None:
+        feats = graph_outputs.get(shift_reference.output)
+        if feats is None or qc_output is None:
+            raise ModelLoadError(f"{path}: cxr.shift_reference reads the output {shift_reference.output!r} and qc_score, "
+                                 "which the graph lacks (re-add it with cxr-infer shift-reference)")
+        width = feats.shape[-1] if feats.shape else None
+        if isinstance(width, int) and width != shift_reference.dim:
+            raise ModelLoadError(f"{path}: output {shift_reference.output!r} has {width} columns but "
+                                 f"cxr.shift_reference describes {shift_reference.dim}")
+        shift_output = shift_reference.output
     if CUDA_EP in active and info.precision == "int8":
         notes.append(
             "note: this is an int8 (QDQ) model; the CUDA provider runs it no faster than fp32 "
@@ -292,7 +310,7 @@ def load_model(
         path=path, info=info, session=session, input_name=input_name, output_name=output_name,
         providers=active, device=device, threads=threads, session_create_ms=session_ms,
         load_ms=0.0, max_batch=max_batch, notes=notes, qc_output=qc_output, input_check=input_check,
-        shift_reference=shift_reference,
+        shift_reference=shift_reference, shift_output=shift_output,
     )
     model.cam_output = _find_cam_output(path, session, info)
     model.load_ms = (time.perf_counter() - t0) * 1e3

@@ -57,7 +57,7 @@ def test_fp32_and_int8_have_cam_output_and_metadata(cam_export):
     for path in (out, int8):
         graph = onnx.load(str(path)).graph
         # probabilities stays output 0; the input check appends qc_score (docs/input-check.md)
-        assert [o.name for o in graph.output] == ["probabilities", "cam", "qc_score"]
+        assert [o.name for o in graph.output] == ["probabilities", "cam", "qc_score", "shift_features"]
         meta = _meta(path)["cam"]
         assert meta["available"] and meta["output"] == "cam" and meta["layer"] == "features"
         assert meta["grid"] == [2, 2]
@@ -104,7 +104,7 @@ def test_runtime_reads_cam(cam_export):
     model = load_model(out)
     assert model.has_cam and model.cam_output == "cam"
     x = _images(root, 3)
-    p, cam, _ = model.run_outputs(x, cam=True)
+    p, cam, _, _ = model.run_outputs(x, cam=True)
     np.testing.assert_array_equal(p, model.run(x))
     assert cam.shape == (3, 3, 2, 2) and cam.dtype == np.float32
 
@@ -119,7 +119,7 @@ def test_architectures_without_cam_say_why(tmp_path):
     out = tmp_path / "b.onnx"
     res = CliRunner().invoke(export_cli.main, [str(ckpt), "--out", str(out), "--no-bench", "--no-card"])
     assert res.exit_code == 0, res.output
-    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "qc_score"]  # no cam
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "qc_score", "shift_features"]  # no cam
     meta = _meta(out)["cam"]
     assert meta == {"available": False, "reason": cam_mod.cam_support("baseline_cnn").reason}
     from cxr.export.card import model_card

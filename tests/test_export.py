@@ -126,7 +126,7 @@ def test_fp32_export_passes_parity_and_is_self_describing(run, exported):
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["image"]
-    assert [o.name for o in model.graph.output] == ["probabilities", "qc_score"]  # output 0 stays probabilities
+    assert [o.name for o in model.graph.output] == ["probabilities", "qc_score", "shift_features"]  # output 0 stays probabilities
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
     info = decode_props(_props(out))

@@ -81,7 +81,7 @@ def test_score_output_in_fp32_and_int8_with_parity(exported):
     report = json.loads(out.with_name("tiny.report.json").read_text())
     for path in (out, int8):
         m = onnx.load(str(path))
-        assert [o.name for o in m.graph.output] == ["probabilities", "qc_score"]
+        assert [o.name for o in m.graph.output] == ["probabilities", "qc_score", "shift_features"]
         dims = [d.dim_param or d.dim_value for d in m.graph.output[1].type.tensor_type.shape.dim]
         assert len(dims) == 1 and isinstance(dims[0], str)  # [N], dynamic
     par = report["input_check"]["parity"]

@@ -1,5 +1,5 @@
 """cxr-export writes the shift check's reference into both files: each file's own validation
-scores, by source and top-1 class, the same values the runtime computes from the file."""
+films' features, by source and top-1 class, the same values the runtime computes from the file."""
 
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ def test_export_writes_the_reference_the_runtime_would_compute(run_two_sources, 
         items = split_items(ckpt.parent / "split.json", "val")
         again = reference_from_scores(score_films(model, [p for p, _ in items]), [s for _, s in items],
                                       fitted_on="validation split", precision=model.info.precision)
+        assert entry["dim"] == again["dim"] == model.shift_reference.dim > 0
+        np.testing.assert_allclose(entry["standardise"]["mean"], again["standardise"]["mean"], rtol=1e-5, atol=1e-6)
         for src, v in entry["sources"].items():
             assert v["n"] == again["sources"][src]["n"]
-            for c, scores in v["by_predicted_class"].items():
-                np.testing.assert_allclose(scores, again["sources"][src]["by_predicted_class"][c], atol=2e-4)
+            for c, g in v["by_predicted_class"].items():
+                h = again["sources"][src]["by_predicted_class"][c]
+                assert g["n"] == h["n"]
+                np.testing.assert_allclose(g["mean"], h["mean"], rtol=1e-4, atol=1e-5)

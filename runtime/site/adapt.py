@@ -464,9 +464,8 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
     qc1 = qc0
     check = model.input_check
     if head.qc_sub is not None and check is not None:
-        ref = model.shift_reference
-        target = float(np.median([v for s in ref.sources.values() for c in s.values() for v in c])) \
-            if ref is not None and getattr(ref, "sources", None) else 0.0
+        val = (model.info.extra.get("input_check") or {}).get("validation") or {}
+        target = float(val["median"]) if isinstance(val.get("median"), (int, float)) else 0.0  # the validation films' median
         new_mean = stats[fit].mean(0).astype(np.float32).reshape(head.qc_mean.shape)
         qc_proto = _qc_subgraph(proto, head, model.qc_output)
         raw = _run_qc(qc_proto, stats, new_mean, np.zeros_like(head.qc_offset))
@@ -540,7 +539,8 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
     if qc1 is not None:
         eligible = fit & (qc1 <= check.not_chest_xray)
         labels1 = [classes[i] for i in p1.argmax(1)]
-        entry = shift_mod.build_reference(qc1[eligible], ["site"] * int(eligible.sum()),
+        feats = _site_features(new, head, stats[eligible])
+        entry = shift_mod.build_reference(feats, ["site"] * int(eligible.sum()),
                                           [labels1[i] for i in np.flatnonzero(eligible)],
                                           fitted_on=f"site films (cxr-infer adapt, {int(eligible.sum())} films)",
                                           precision=model.info.precision)
@@ -584,6 +584,22 @@ def _qc_subgraph(proto, head: Head, qc_output: str):
     for name in ("qc.mean", "qc.offset"):
         m.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return m
+
+
+def _site_features(new, head: Head, stats: np.ndarray) -> np.ndarray:
+    """The site model's ``shift_features`` of films whose qc statistics are ``stats`` (the output is
+    added to ``new`` where the base lacked it): they move with the refitted centre, so the site's
+    reference is computed through the new graph."""
+    import onnx
+
+    from .shift_reference import add_feature_output
+
+    if shift_mod.OUTPUT not in {o.name for o in new.graph.output}:
+        add_feature_output(new)
+    sub = onnx.utils.Extractor(new).extract_model([head.qc_stats], [shift_mod.OUTPUT])
+    sess = _session(sub)
+    out = sess.run(None, {sess.get_inputs()[0].name: stats.astype(np.float32)})[0]
+    return np.asarray(out, np.float64).reshape(len(stats), -1)
 
 
 def _run_qc(qc_proto, stats: np.ndarray, mean: np.ndarray, offset: np.ndarray) -> np.ndarray:

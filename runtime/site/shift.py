@@ -1,114 +1,155 @@
 """The folder-level shift check: are these films, taken together, unlike the model's validation films?
 
 Why a folder test: at a hospital no training source holds, every film can stay below the input
-check's per-film threshold while the whole folder's ``qc_score`` is shifted (issue 19 measured
-medians of 0.44 and 0.97 against -0.04 in-source) -- and the model's figures with it. One film
-cannot show that; a hundred can.
+check's per-film threshold while the whole folder is shifted (issue 19 measured ``qc_score`` medians
+of 0.44 and 0.97 against -0.04 in-source) -- and the model's figures with it. One film cannot show
+that; a hundred can.
 
-The test (fixed from principles, not fitted to any folder; docs/site.md):
+The test (docs/site.md; its parameters are fixed from principles, none fitted to a folder):
 
-- **What is compared**: ``qc_score``, the input check's distance to the training films, which the
-  model already computes for every film. Only films the input check judged to be chest X-rays take
-  part (``qc`` ``ok`` or ``unfamiliar``): a CT slice in the folder is already flagged on its own.
-- **Against what**: the model's own validation films' scores, per validation source, stored in the
-  model file (``cxr.shift_reference``, written by ``cxr-export`` or ``cxr-infer shift-reference``).
-- **Statistic**: one-sided Mann-Whitney U -- is a film of this folder more likely to score above a
-  validation film than below (the effect size ``auc`` = U / (n m), 0.5 when alike)? Rank-based, so
-  distribution-free; one-sided, because only a folder *farther* from the training films is a worry.
-  Normal approximation with the tie correction and a continuity correction.
-- **Stratified by the predicted class** (van Elteren's test): abnormal films score higher than
-  normal ones (on the shipped model's held-out films, 100-film subsets of only its COVID or only
-  its Viral Pneumonia films were "shifted" 99 % of the time against the pooled validation films,
-  though they are in-source). A clinic's case mix is no shift, so each film is compared with the
-  validation films the model gave the same top-1 class.
-- **Which reference**: a hospital is one place, and it may resemble any one training source. The
-  folder is tested against all validation sources pooled and against every source that holds
-  enough films predicted like these (``MIN_STRATUM`` per class, ``min_films`` compared in all), and
-  the shift is ``detected`` only when **every** one of those tests rejects at ``alpha`` (an
-  intersection-union test: its false-alarm rate is at most ``alpha`` for a folder drawn from any
-  one source, or from the pooled mix, with no multiplicity correction). The p-value reported is the
-  largest.
-- **alpha = 0.01**: the target is at most 5 % false alarms on 100-film subsets of held-out in-source
-  films; 0.01 keeps well inside it while a shift like the issue's (medians half a unit or more
-  apart, most of a validation sd) is found in 100 films with near certainty.
-- **At least 30 films**: below that the normal approximation of U is loose near alpha and only very
-  large shifts can be found, so silence would read as reassurance; the check says it did not run
-  (``detected: false`` with the reason).
+- **What is compared**: ``shift_features``, a graph output that the shift reference adds to the model
+  file: for every depth the input check reads, the film's coordinates on the ``COMPONENTS`` leading
+  principal components of that depth's training-film statistics (the input check's own projection,
+  ``export/input_check.py``). Texture, intensity and layout statistics of several depths, so an
+  acquisition that moves none of them far enough to flag one film still moves their *mean*. Only
+  films the input check judged to be chest X-rays take part (``qc`` ``ok`` or ``unfamiliar``): a CT
+  slice in the folder is flagged on its own. (Version 1 compared ``qc_score`` alone, a distance: a
+  hospital whose films are as far from the training films as one training source is from the
+  others went unnoticed, and left-out sources raised no alarm; docs/site.md keeps its figures.)
+- **Against what**: the validation films' features, summarised by source and by the model's top-1
+  class -- count, mean and covariance of each group (``cxr.shift_reference``, a few kilobytes).
+- **Statistic**: the folder's mean feature vector against the mean the reference predicts for a
+  folder with the same mix of predicted classes, ``sum_c pi_c mu_c``: a clinic's case mix is no
+  shift. The difference is first projected off the span of the reference's class-mean differences,
+  so films a class too many or too few (a ward of COVID films, the misclassified films of such a
+  ward) do not read as a shift, then weighed by its null covariance
+  ``sum_c pi_c S_c / n + sum_c pi_c^2 S_c / m_c`` (the folder's sampling error and the reference
+  means' own): ``T = d' V^-1 d`` is chi-square with as many degrees of freedom as the projected
+  dimension when the folder's films of each predicted class are like the reference's. ``S_c`` is
+  shrunk toward the pooled within-group covariance by ``dim`` pseudo-films, so a group of a few dozen
+  validation films does not make the test over-eager.
+- **Which reference**: a hospital may resemble any one training source, or mix them. The folder is tested against
+  all validation sources pooled -- there with every (source, class) mean difference projected off,
+  so any mix of the training sources reads as none -- and against every source that has validation
+  films of the classes predicted here (``MIN_GROUP`` films a class, ``min_films`` of the folder's
+  films in such classes), and the shift is ``detected`` only when **every** one of those tests rejects at ``alpha`` (an
+  intersection-union test: at most ``alpha`` false alarms for a folder drawn from any one source or
+  from the pooled mix, with no multiplicity correction). The p-value reported is the largest.
+- **alpha = 0.01**, **at least 30 films** (below that a mean of 28 dimensions is too noisy for the
+  chi-square approximation near alpha, and only very large shifts could be found; the check says it
+  did not run, ``detected: false`` with the reason).
 
-numpy only: it runs in every scan, on the workstation.
+Sufficient statistics only (per predicted class: a count and a sum vector), so a cluster scan's
+shards and a resumed scan add up to exactly what one uninterrupted scan sees. numpy only.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 METADATA_KEY = "shift_reference"  # cxr.shift_reference
-FORMAT = "cxr-shift/1"
+FORMAT = "cxr-shift/2"
+OUTPUT = "shift_features"  # the graph output the reference reads
+COMPONENTS = 4  # leading principal components per input-check depth
 ALPHA = 0.01
 MIN_FILMS = 30
-MAX_PER_SOURCE = 2000  # validation scores kept per (source, class) (a seeded sample beyond), ~8 bytes each
-MIN_REFERENCE = 5  # validation films a reference needs at all (the strata need MIN_STRATUM to be used)
-MIN_STRATUM = 10  # validation films of a predicted class a source needs to be compared in that class
-DECIMALS = 4
+MIN_GROUP = 10  # validation films of a predicted class a source needs for that class to be compared
+MIN_REFERENCE = 5  # films a reference needs at all (groups below MIN_GROUP are stored, never compared)
+SIG = 7  # significant digits stored
 POOLED = "all validation sources"
 ELIGIBLE_QC = frozenset({"ok", "unfamiliar"})  # films the input check judged to be chest X-rays
 MESSAGE_SHIFTED = "these films are unlike the training films: validate before use"
-TEST = ("one-sided van Elteren test (Mann-Whitney U stratified by the predicted class) of qc_score (this folder "
-        "scores higher) against all validation sources pooled and against each source that holds films predicted like "
-        "these; detected when every one rejects at alpha (intersection-union test)")
+TEST = ("chi-square test of the mean shift_features (input-check principal components) against the mean the "
+        "validation films of the same predicted classes give, off the span of the class-mean differences; against "
+        "all validation sources pooled and each source with films predicted like these; detected when every one "
+        "rejects at alpha (intersection-union test)")
+STATISTIC_NAME = "T: chi-square of the folder's mean features against the validation films' (Hotelling-type)"
 
 
-def eligible(qc: str | None, score: float | None) -> bool:
+def eligible(qc: str | None, features) -> bool:
     """Whether a film takes part in the shift check."""
-    return qc in ELIGIBLE_QC and score is not None and math.isfinite(score)
+    return qc in ELIGIBLE_QC and features is not None and bool(np.all(np.isfinite(features)))
 
 
-def build_reference(scores: Sequence[float], sources: Sequence[str], labels: Sequence[str], *, fitted_on: str,
-                    precision: str, seed: int = 0, alpha: float = ALPHA, min_films: int = MIN_FILMS) -> dict:
-    """The ``cxr.shift_reference`` entry from one model file's own validation scores and top-1
-    classes (films the input check judged to be chest X-rays only; the caller filters). Scores are
-    rounded to ``DECIMALS``; a (source, class) with more than ``MAX_PER_SOURCE`` films keeps a seeded
-    random sample of them."""
-    s = np.asarray(scores, np.float64).reshape(-1)
-    src = np.asarray([str(x) for x in sources], dtype=object)
-    lab = np.asarray([str(x) for x in labels], dtype=object)
-    if not len(s) == len(src) == len(lab):
-        raise ValueError(f"{len(s)} scores, {len(src)} sources and {len(lab)} labels")
-    keep = np.isfinite(s)
-    s, src, lab = s[keep], src[keep], lab[keep]
-    if len(s) < MIN_REFERENCE:
-        raise ValueError(f"a shift reference needs at least {MIN_REFERENCE} validation films with a qc_score; got {len(s)}")
-    rng = np.random.default_rng(seed)
+def _r(a) -> list:
+    return [float(f"{x:.{SIG}g}") for x in np.asarray(a, np.float64).reshape(-1)]
+
+
+def _upper(s: np.ndarray) -> list:
+    return _r(s[np.triu_indices(len(s))])
+
+
+def _from_upper(v, d: int) -> np.ndarray:
+    s = np.zeros((d, d))
+    s[np.triu_indices(d)] = np.asarray(v, np.float64)
+    return s + np.triu(s, 1).T
+
+
+def build_reference(features, sources: Sequence[str], labels: Sequence[str], *, fitted_on: str, precision: str,
+                    alpha: float = ALPHA, min_films: int = MIN_FILMS) -> dict:
+    """The ``cxr.shift_reference`` entry from one model file's own validation films: their
+    ``shift_features`` rows, sources and top-1 classes (films the input check judged to be chest
+    X-rays only; the caller filters). Features are standardised by the films' own mean and sd."""
+    x = np.asarray(features, np.float64)
+    src = np.asarray([str(s) for s in sources], dtype=object)
+    lab = np.asarray([str(c) for c in labels], dtype=object)
+    if x.ndim != 2 or not len(x) == len(src) == len(lab):
+        raise ValueError(f"features of shape {x.shape}, {len(src)} sources and {len(lab)} labels")
+    keep = np.all(np.isfinite(x), axis=1)
+    x, src, lab = x[keep], src[keep], lab[keep]
+    if len(x) < MIN_REFERENCE:
+        raise ValueError(f"a shift reference needs at least {MIN_REFERENCE} validation films; got {len(x)}")
+    mean, sd = x.mean(0), x.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    z = (x - mean) / sd
     per: dict[str, dict] = {}
     for name in sorted(set(src.tolist())):
-        classes = {}
+        groups = {}
         for c in sorted(set(lab[src == name].tolist())):
-            v = s[(src == name) & (lab == c)]
-            if len(v) > MAX_PER_SOURCE:
-                v = v[np.sort(rng.choice(len(v), MAX_PER_SOURCE, replace=False))]
-            classes[c] = [round(float(x), DECIMALS) for x in np.sort(v)]
-        v = s[src == name]
-        per[name] = {"n": int(len(v)), "median": round(float(np.median(v)), DECIMALS), "by_predicted_class": classes}
-    return {"format": FORMAT, "statistic": "qc_score", "strata": "predicted class (top-1)", "test": TEST,
-            "alpha": alpha, "min_films": min_films, "min_stratum": MIN_STRATUM, "fitted_on": fitted_on,
-            "precision": precision, "eligible": sorted(ELIGIBLE_QC), "sources": per}
+            g = z[(src == name) & (lab == c)]
+            cov = np.cov(g, rowvar=False) if len(g) > 1 else np.zeros((z.shape[1],) * 2)
+            groups[c] = {"n": int(len(g)), "mean": _r(g.mean(0)), "cov_upper": _upper(np.atleast_2d(cov))}
+        per[name] = {"n": int((src == name).sum()), "by_predicted_class": groups}
+    return {"format": FORMAT, "output": OUTPUT, "dim": int(z.shape[1]), "standardise": {"mean": _r(mean), "sd": _r(sd)},
+            "strata": "predicted class (top-1)", "test": TEST, "alpha": alpha, "min_films": min_films,
+            "min_group": MIN_GROUP, "fitted_on": fitted_on, "precision": precision, "eligible": sorted(ELIGIBLE_QC),
+            "sources": per}
+
+
+@dataclass(frozen=True)
+class Group:
+    n: int
+    mean: np.ndarray
+    cov: np.ndarray
 
 
 @dataclass(frozen=True)
 class ShiftReference:
-    """The validation scores a folder is compared with (``cxr.shift_reference``): per source, per
-    predicted class, sorted."""
+    """The validation films' feature statistics a folder is compared with (``cxr.shift_reference``):
+    per source, per predicted class, a count, mean and covariance of the standardised features."""
 
-    sources: Mapping[str, Mapping[str, np.ndarray]]
+    sources: Mapping[str, Mapping[str, Group]]
+    mean: np.ndarray
+    sd: np.ndarray
     alpha: float = ALPHA
     min_films: int = MIN_FILMS
-    min_stratum: int = 10
+    min_group: int = MIN_GROUP
     fitted_on: str = "validation split"
     precision: str | None = None
+    output: str = OUTPUT
+
+    @property
+    def dim(self) -> int:
+        return int(len(self.mean))
+
+    @property
+    def films(self) -> int:
+        return int(sum(g.n for by in self.sources.values() for g in by.values()))
 
     @classmethod
     def from_metadata(cls, extra: Mapping[str, Any]) -> "ShiftReference | None":
@@ -117,85 +158,163 @@ class ShiftReference:
         if doc is None:
             return None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError(f"cxr.{METADATA_KEY} must be a {FORMAT!r} JSON object")
+            old = doc.get("format") if isinstance(doc, dict) else None
+            raise ValueError(f"cxr.{METADATA_KEY} must be a {FORMAT!r} JSON object"
+                             + (f" (this one is {old!r}: re-add it with cxr-infer shift-reference)" if old else ""))
         try:
-            per = {str(k): {str(c): np.sort(np.asarray(x, np.float64)) for c, x in dict(v["by_predicted_class"]).items()}
+            d = int(doc["dim"])
+            mean = np.asarray(doc["standardise"]["mean"], np.float64)
+            sd = np.asarray(doc["standardise"]["sd"], np.float64)
+            per = {str(k): {str(c): Group(int(g["n"]), np.asarray(g["mean"], np.float64), _from_upper(g["cov_upper"], d))
+                            for c, g in dict(v["by_predicted_class"]).items()}
                    for k, v in dict(doc["sources"]).items()}
             alpha, min_films = float(doc.get("alpha", ALPHA)), int(doc.get("min_films", MIN_FILMS))
-            min_stratum = int(doc.get("min_stratum", MIN_STRATUM))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ValueError(f"cxr.{METADATA_KEY} needs sources with score lists by predicted class") from None
-        if not per or any(not v or any(x.ndim != 1 or not np.all(np.isfinite(x)) for x in v.values())
-                          for v in per.values()):
-            raise ValueError(f"cxr.{METADATA_KEY}: every source needs lists of finite scores")
-        if not (0.0 < alpha < 1.0) or min_films < 2 or min_stratum < 1:
-            raise ValueError(f"cxr.{METADATA_KEY}: alpha must lie in (0, 1), min_films >= 2, min_stratum >= 1")
-        return cls(per, alpha, min_films, min_stratum, str(doc.get("fitted_on", "validation split")),
-                   doc.get("precision"))
+            min_group = int(doc.get("min_group", MIN_GROUP))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise ValueError(f"cxr.{METADATA_KEY} needs dim, standardise and sources with groups by predicted class") from None
+        if (d < 1 or mean.shape != (d,) or sd.shape != (d,) or not np.all(sd > 0) or not per
+                or any(g.mean.shape != (d,) or not np.all(np.isfinite(g.cov)) or g.n < 1
+                       for by in per.values() for g in by.values())):
+            raise ValueError(f"cxr.{METADATA_KEY}: every group needs a count, a {d}-vector mean and a covariance")
+        if not (0.0 < alpha < 1.0) or min_films < 2 or min_group < 2:
+            raise ValueError(f"cxr.{METADATA_KEY}: alpha must lie in (0, 1), min_films >= 2, min_group >= 2")
+        return cls(per, mean, sd, alpha, min_films, min_group, str(doc.get("fitted_on", "validation split")),
+                   doc.get("precision"), str(doc.get("output", OUTPUT)))
 
-    def references(self) -> dict[str, dict[str, np.ndarray]]:
-        """All sources pooled (where there is more than one), then each source; class -> scores."""
+    def within(self) -> np.ndarray:
+        """The pooled within-group covariance (every source's every class): the shrinkage target."""
+        num = sum((g.n - 1) * g.cov for by in self.sources.values() for g in by.values() if g.n > 1)
+        den = sum(g.n - 1 for by in self.sources.values() for g in by.values() if g.n > 1)
+        return num / den if den > 0 else np.eye(self.dim)
+
+    def references(self) -> dict[str, dict[str, Group]]:
+        """All sources pooled (where there is more than one), then each source; class -> group."""
         refs = dict(self.sources)
         if len(refs) > 1:
-            pooled: dict[str, list] = {}
-            for by in refs.values():
-                for c, x in by.items():
-                    pooled.setdefault(c, []).append(x)
-            refs = {POOLED: {c: np.sort(np.concatenate(x)) for c, x in pooled.items()}, **refs}
+            pooled: dict[str, Group] = {}
+            for c in sorted({c for by in refs.values() for c in by}):
+                gs = [by[c] for by in refs.values() if c in by]
+                n = sum(g.n for g in gs)
+                mu = sum(g.n * g.mean for g in gs) / n
+                scatter = sum((g.n - 1) * g.cov + g.n * np.outer(g.mean - mu, g.mean - mu) for g in gs)
+                pooled[c] = Group(n, mu, scatter / max(n - 1, 1))
+            refs = {POOLED: pooled, **refs}
         return refs
 
 
-def _ranks(both: np.ndarray) -> tuple[np.ndarray, float]:
-    """(1-based average ranks, sum of t^3 - t over runs of ties)."""
-    order = np.argsort(both, kind="mergesort")
-    s = both[order]
-    starts = np.r_[0, np.flatnonzero(s[1:] != s[:-1]) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    sizes = (ends - starts).astype(np.float64)
-    ranks = np.empty(len(s))
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, (ends - starts))
-    return ranks, float((sizes ** 3 - sizes).sum())
+@dataclass
+class ShiftStats:
+    """What a scan keeps for the check: per predicted class, the number of eligible films and the
+    sum of their standardised features (and of their qc_score, for the summary). Adds up exactly
+    across shards and resumed runs (``merge``, ``to_json``/``from_json``)."""
+
+    count: Counter = field(default_factory=Counter)
+    sums: dict = field(default_factory=dict)  # class -> float64 [dim] sum of raw features
+    qc_sum: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return int(sum(self.count.values()))
+
+    def add(self, features, label: str, qc_score: float | None = None) -> None:
+        v = np.asarray(features, np.float64).reshape(-1)
+        self.count[label] += 1
+        self.sums[label] = self.sums[label] + v if label in self.sums else v.copy()
+        if qc_score is not None and math.isfinite(qc_score):
+            self.qc_sum += float(qc_score)
+
+    def merge(self, other: "ShiftStats") -> None:
+        for c, k in other.count.items():
+            self.count[c] += k
+            self.sums[c] = self.sums[c] + other.sums[c] if c in self.sums else np.array(other.sums[c], np.float64)
+        self.qc_sum += other.qc_sum
+
+    def to_json(self) -> dict:
+        """Exact: JSON keeps a float64 exactly (repr round-trips)."""
+        return {"count": dict(self.count), "sums": {c: [float(x) for x in v] for c, v in self.sums.items()},
+                "qc_sum": self.qc_sum}
+
+    @classmethod
+    def from_json(cls, doc: Mapping | None) -> "ShiftStats":
+        s = cls()
+        if doc:
+            s.count.update({str(c): int(k) for c, k in dict(doc.get("count", {})).items()})
+            s.sums = {str(c): np.asarray(v, np.float64) for c, v in dict(doc.get("sums", {})).items()}
+            s.qc_sum = float(doc.get("qc_sum", 0.0))
+        return s
 
 
-def _u_stat(x: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(U of "x above ref", its tie-corrected null variance)."""
-    n, m = len(x), len(ref)
-    ranks, ties = _ranks(np.concatenate([x, ref]))
-    total = n + m
-    u = float(ranks[:n].sum() - n * (n + 1) / 2.0)
-    var = n * m / 12.0 * ((total + 1) - (ties / (total * (total - 1)) if total > 1 else 0.0))
-    return u, var
+def chi2_sf(t: float, dof: int) -> float:
+    """P(chi-square with ``dof`` degrees of freedom > t): the regularised upper incomplete gamma
+    Q(dof/2, t/2), by its series below a+1 and its continued fraction above (numpy-free)."""
+    a, x = dof / 2.0, t / 2.0
+    if x <= 0:
+        return 1.0
+    log_front = -x + a * math.log(x) - math.lgamma(a)
+    if x < a + 1:
+        term = total = 1.0 / a
+        ap = a
+        for _ in range(10_000):
+            ap += 1.0
+            term *= x / ap
+            total += term
+            if abs(term) < abs(total) * 1e-15:
+                break
+        return min(1.0, max(0.0, 1.0 - total * math.exp(log_front)))
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 10_000):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return min(1.0, max(0.0, math.exp(log_front) * h))
 
 
-def mann_whitney_greater(x: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
-    """(auc = U / (n m), z, one-sided p) for "``x`` tends to be larger than ``ref``": average ranks
-    for ties, the tie-corrected variance, a continuity correction of 1/2."""
-    return stratified_greater([(np.asarray(x, np.float64), np.asarray(ref, np.float64))])
+def _complement(means: list[np.ndarray], d: int) -> np.ndarray:
+    """Orthonormal basis [d, d'] of the directions orthogonal to every class-mean difference."""
+    if len(means) < 2:
+        return np.eye(d)
+    diff = np.stack([m - means[0] for m in means[1:]], axis=1)
+    u, s, _ = np.linalg.svd(diff, full_matrices=True)
+    rank = int(np.sum(s > 1e-9 * max(1.0, float(s.max()) if len(s) else 1.0)))
+    return u[:, rank:]
 
 
-def stratified_greater(strata: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
-    """Van Elteren's stratified Mann-Whitney test, one-sided: (weighted auc, z, p). Each stratum's U
-    is weighted by 1 / (n + m + 1), the weights that make the sum most powerful against a shift of
-    the same size in every stratum; the null holds whatever the mix of strata."""
-    t = e = v = w_nm = 0.0
-    cc = 0.0
-    for x, ref in strata:
-        n, m = len(x), len(ref)
-        if n == 0 or m == 0:
-            continue
-        u, var = _u_stat(x, ref)
-        w = 1.0 / (n + m + 1)
-        t += w * u
-        e += w * n * m / 2.0
-        v += w * w * var
-        w_nm += w * n * m
-        cc = max(cc, 0.5 * w)
-    if w_nm == 0:
-        return 0.5, 0.0, 1.0
-    if v <= 0:
-        return t / w_nm, 0.0, 1.0
-    z = (t - e - cc) / math.sqrt(v)
-    return t / w_nm, z, 0.5 * math.erfc(z / math.sqrt(2.0))
+def _test(groups: Mapping[str, Group], stats: ShiftStats, mean: np.ndarray, sd: np.ndarray, within: np.ndarray,
+          min_group: int, span: Sequence[np.ndarray] | None = None) -> tuple[int, float, int, float] | None:
+    """(films compared, T, dof, p) of one reference; None when its classes hold none of these films.
+    ``span``: the means whose differences are projected off (default: the classes' means)."""
+    use = [c for c, g in groups.items() if g.n >= min_group and stats.count.get(c, 0) > 0]
+    n = sum(stats.count[c] for c in use)
+    if not use or n == 0:
+        return None
+    d = len(mean)
+    xbar = (sum(stats.sums[c] for c in use) / n - mean) / sd
+    pi = {c: stats.count[c] / n for c in use}
+    shrunk = {c: ((groups[c].n - 1) * groups[c].cov + d * within) / (groups[c].n - 1 + d) for c in use}
+    target = sum(pi[c] * groups[c].mean for c in use)
+    basis = _complement(list(span) if span is not None else [g.mean for g in groups.values() if g.n >= min_group], d)
+    if basis.shape[1] == 0:
+        return None
+    v = sum(pi[c] * shrunk[c] / n + pi[c] ** 2 * shrunk[c] / groups[c].n for c in use)
+    diff = basis.T @ (xbar - target)
+    vb = basis.T @ v @ basis
+    try:
+        t = float(diff @ np.linalg.solve(vb, diff))
+    except np.linalg.LinAlgError:
+        t = float(diff @ np.linalg.pinv(vb) @ diff)
+    dof = int(basis.shape[1])
+    return n, t, dof, chi2_sf(t, dof)
 
 
 @dataclass
@@ -207,72 +326,69 @@ class ShiftResult:
     n: int
     available: bool
     reason: str | None = None
-    statistic: float | None = None  # auc against the closest reference: P(film here > validation film)
-    z: float | None = None
+    statistic: float | None = None  # T against the closest reference
+    dof: int | None = None
     p_value: float | None = None  # the largest over references (the intersection-union test's p)
     alpha: float = ALPHA
     min_films: int = MIN_FILMS
     closest: str | None = None  # the reference with the largest p-value
-    median: float | None = None
+    mean_qc_score: float | None = None
     per_reference: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"detected": self.detected, "available": self.available, "n": self.n, "reason": self.reason,
-                "statistic": None if self.statistic is None else round(self.statistic, 4),
-                "statistic_name": "auc: P(a film here scores above a validation film), Mann-Whitney U / (n m)",
-                "z": None if self.z is None else round(self.z, 3),
+                "statistic": None if self.statistic is None else round(self.statistic, 3),
+                "statistic_name": STATISTIC_NAME, "dof": self.dof,
                 "p_value": None if self.p_value is None else float(f"{self.p_value:.3g}"),
                 "alpha": self.alpha, "min_films": self.min_films, "closest_reference": self.closest,
-                "median_qc_score": None if self.median is None else round(self.median, 4),
-                "test": TEST, "per_reference": self.per_reference,
-                "message": self.message()}
+                "mean_qc_score": None if self.mean_qc_score is None else round(self.mean_qc_score, 4),
+                "test": TEST, "per_reference": self.per_reference, "message": self.message()}
 
     def message(self) -> str:
         """One line in plain words, for the summary on stderr and the review page."""
         if not self.available or self.p_value is None:
             return f"shift check: not run ({self.reason})"
         if self.detected:
-            return (f"shift check: {MESSAGE_SHIFTED} ({self.n} films; a film here scores above a validation film "
-                    f"{100 * self.statistic:.0f} % of the time even against the closest source, {self.closest}; "
+            return (f"shift check: {MESSAGE_SHIFTED} ({self.n} films; unlike even the closest validation source, "
+                    f"{self.closest}: T = {self.statistic:.0f} on {self.dof} degrees of freedom, "
                     f"p = {self.p_value:.2g} < {self.alpha:g})")
         return (f"shift check: no shift found ({self.n} films; closest validation source {self.closest}, "
                 f"p = {self.p_value:.2g} >= {self.alpha:g})")
 
 
-def check(reference: ShiftReference | None, scores: Iterable[float], labels: Iterable[str]) -> ShiftResult:
-    """Run the test on a folder's eligible ``qc_score`` values and their films' top-1 classes."""
-    x = np.asarray(list(scores), np.float64)
-    lab = np.asarray([str(c) for c in labels], dtype=object)
-    if len(lab) != len(x):
-        raise ValueError(f"{len(x)} scores but {len(lab)} labels")
-    fin = np.isfinite(x)
-    x, lab = x[fin], lab[fin]
-    n = int(len(x))
+def check(reference: ShiftReference | None, stats: ShiftStats) -> ShiftResult:
+    """Run the test on what a scan kept (``ShiftStats``)."""
+    n = stats.n
+    mean_qc = stats.qc_sum / n if n else None
     if reference is None:
         return ShiftResult(False, n, False, "the model carries no shift reference (cxr.shift_reference); add one with "
                                             "cxr-infer shift-reference MODEL --split split.json")
-    base = dict(alpha=reference.alpha, min_films=reference.min_films)
+    base = dict(alpha=reference.alpha, min_films=reference.min_films, mean_qc_score=mean_qc)
     if n < reference.min_films:
         return ShiftResult(False, n, True, f"{n} films judged to be chest X-rays; the check needs at least "
                                            f"{reference.min_films}", **base)
+    if any(len(v) != reference.dim for v in stats.sums.values()):
+        return ShiftResult(False, n, False, f"the scan's features do not have the reference's {reference.dim} "
+                                            "dimensions", **base)
+    within = reference.within()
+    # the pooled reference accepts any mix of the sources: every (source, class) mean difference is projected off
+    every = [g.mean for by in reference.sources.values() for g in by.values() if g.n >= reference.min_group]
     per = {}
-    for name, by_class in reference.references().items():
-        # strata: predicted classes this reference holds enough validation films of
-        strata = [(x[lab == c], ref) for c, ref in by_class.items() if len(ref) >= reference.min_stratum]
-        covered = sum(len(a) for a, _ in strata)
-        entry = {"n_reference": int(sum(len(r) for _, r in strata)), "n_compared": covered}
-        if covered < reference.min_films:  # this source never saw films predicted like these: not applicable
-            per[name] = {**entry, "applicable": False}
+    for name, groups in reference.references().items():
+        r = _test(groups, stats, reference.mean, reference.sd, within, reference.min_group,
+                  every if name == POOLED else None)
+        if r is None or r[0] < reference.min_films:  # this source never saw films predicted like these
+            per[name] = {"n_compared": 0 if r is None else r[0], "applicable": False}
             continue
-        auc, z, p = stratified_greater(strata)
-        per[name] = {**entry, "applicable": True, "auc": round(auc, 4), "z": round(z, 3), "p_value": float(f"{p:.3g}")}
+        k, t, dof, p = r
+        per[name] = {"n_compared": k, "applicable": True, "statistic": round(t, 3), "dof": dof,
+                     "p_value": float(f"{p:.3g}")}
     applicable = [k for k, v in per.items() if v["applicable"]]
     if not applicable:
         return ShiftResult(False, n, True, "no validation source holds films predicted like these "
                                            f"(at least {reference.min_films} in classes it has "
-                                           f"{reference.min_stratum}+ films of)", per_reference=per, **base)
-    closest = max(applicable, key=lambda k: (per[k]["p_value"], -per[k]["auc"]))
+                                           f"{reference.min_group}+ films of)", per_reference=per, **base)
+    closest = max(applicable, key=lambda k: (per[k]["p_value"], -per[k]["statistic"] / per[k]["dof"]))
     c = per[closest]
-    p_max = c["p_value"]
-    return ShiftResult(bool(p_max < reference.alpha), n, True, None, c["auc"], c["z"], p_max, closest=closest,
-                       median=float(np.median(x)), per_reference=per, **base)
+    return ShiftResult(bool(c["p_value"] < reference.alpha), n, True, None, c["statistic"], c["dof"], c["p_value"],
+                       closest=closest, per_reference=per, **base)

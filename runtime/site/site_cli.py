@@ -26,12 +26,13 @@ def _fail(ctx: click.Context, message: str) -> None:
 @click.option("--data-root", "data_roots", multiple=True, type=click.Path(file_okay=False),
               help="Where a source's images live now (one per source, in the manifest's order or named like it).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the model with the reference here (default: MODEL_PATH itself; only its metadata changes).")
+              help="Write the model with the reference here (default: MODEL_PATH itself).")
 @click.pass_context
 def shift_reference_command(ctx, model_path, split_path, subset, data_roots, out_path):
-    """Add the folder-level shift check's reference (cxr.shift_reference) to MODEL_PATH: the model's own
-    qc_score on its validation films, per source, computed with onnxruntime (no torch). Needs the onnx
-    package (pip install 'cxr-infer[site]')."""
+    """Add the folder-level shift check's reference (cxr.shift_reference) to MODEL_PATH: the mean and
+    covariance of its validation films' input-check features, per source and predicted class, and the
+    graph output (shift_features) scans read them from; computed with onnxruntime (no torch). Needs
+    the onnx package (pip install 'cxr-infer[site]')."""
     from ..model_edit import ModelEditError
     from ..session import ModelLoadError
     from .shift_reference import add_reference
@@ -43,7 +44,8 @@ def shift_reference_command(ctx, model_path, split_path, subset, data_roots, out
     click.echo(f"wrote {done['out']}: cxr.shift_reference from {done['films']} films ("
                + ", ".join(f"{k} {n}" for k, n in done["sources"].items())
                + (f"; {done['unreadable']} unreadable" if done["unreadable"] else "")
-               + f"); graph unchanged (sha256 {done['graph_sha256'][:16]})", err=True)
+               + f"); added output shift_features ({done['dim']} columns); every other output bit-identical on "
+               f"{done['parity']['films']} films", err=True)
 
 
 @click.command("validate")
