@@ -281,10 +281,13 @@ def load_model(
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     notes = [qc_note] if qc_note else []
-    from .site.shift import ShiftReference
+    from .site.shift import OutdatedReference, ShiftReference
 
     try:
         shift_reference = ShiftReference.from_metadata(info.extra)
+    except OutdatedReference as exc:
+        shift_reference = None
+        notes.append(f"note: {exc}")
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     from .site.shift import OUTPUT as SHIFT_OUTPUT

@@ -289,3 +289,17 @@ def test_writing_a_model_without_onnx_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ModelEditError, match=r"cxr-infer\[site\]"):
         require_onnx("cxr-infer shift-reference")
+
+
+def test_a_model_with_an_older_reference_still_scans_and_says_why_the_check_does_not_run(site, tmp_path):
+    m = onnx.load(str(site["model"]))
+    for p in m.metadata_props:
+        if p.key == "cxr.shift_reference":
+            p.value = json.dumps({"format": "cxr-shift/1", "sources": {"here": {"n": 3}}})
+    onnx.save(m, str(tmp_path / "old.onnx"))
+    model = load_model(tmp_path / "old.onnx")
+    assert model.shift_reference is None and any("cxr-shift/1" in n and "shift-reference" in n for n in model.notes)
+    folder = _films(tmp_path / "f", site["rng"].uniform(118, 138, 31))
+    r = run("scan", folder, "--model", tmp_path / "old.onnx", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0 and "shift check: not run" in r.output
+    assert json.loads((tmp_path / "r.json").read_text())["shift"]["detected"] is False

@@ -121,6 +121,10 @@ def build_reference(features, sources: Sequence[str], labels: Sequence[str], *, 
             "sources": per}
 
 
+class OutdatedReference(ValueError):
+    """A reference of an earlier format: the model still loads, the check says it cannot run."""
+
+
 @dataclass(frozen=True)
 class Group:
     n: int
@@ -157,6 +161,10 @@ class ShiftReference:
         doc = extra.get(METADATA_KEY)
         if doc is None:
             return None
+        if isinstance(doc, dict) and str(doc.get("format", "")).startswith("cxr-shift/") and doc["format"] != FORMAT:
+            raise OutdatedReference(f"cxr.{METADATA_KEY} is {doc['format']!r}, which this version cannot use "
+                                    f"(it needs {FORMAT!r}): the shift check will not run; re-add the reference with "
+                                    "cxr-infer shift-reference MODEL --split split.json")
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             old = doc.get("format") if isinstance(doc, dict) else None
             raise ValueError(f"cxr.{METADATA_KEY} must be a {FORMAT!r} JSON object"
