@@ -607,7 +607,7 @@ def scan_command(*, paths, scheduler: str, shard_size: int, resume: bool, model,
         for key in run.earlier:
             run.earlier[key] += line.get(key, 0) if key != "files" else line["files"]
         # the shift check is over the whole scan: the finished shards' statistics count too
-        run.stats.shift_stats.merge(ShiftStats.from_json(line.get("shift") if isinstance(line.get("shift"), dict) else None))
+        run.stats.shift_stats.merge(ShiftStats.from_json(line.get("shift")))
     client = cluster = None
     stats = run.stats
     t0 = time.perf_counter()

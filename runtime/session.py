@@ -112,14 +112,13 @@ class Model:
             raise ValueError(f"{self.path} has no class-activation map output (re-export it with cxr-export)")
         if not cam and not self.qc_output:
             return self.run(batch), None, None, None
-        extra = [self.qc_output, self.shift_output] if self.qc_output else []  # shift_output needs qc_output
-        names = [self.output_name] + ([self.cam_output] if cam else []) + [x for x in extra if x]
+        names = [self.output_name] + [x for x in (self.cam_output if cam else None, self.qc_output, self.shift_output) if x]
         outs = dict(zip(names, self.session.run(names, {self.input_name: batch})))
         n = batch.shape[0]
         probs = np.asarray(outs[self.output_name], dtype=np.float32).reshape(n, -1)
         maps = np.asarray(outs[self.cam_output], dtype=np.float32) if cam else None
         score = np.asarray(outs[self.qc_output], dtype=np.float32).reshape(n) if self.qc_output else None
-        feats = np.asarray(outs[self.shift_output], dtype=np.float32).reshape(n, -1) if self.shift_output and self.qc_output else None
+        feats = np.asarray(outs[self.shift_output], dtype=np.float32).reshape(n, -1) if self.shift_output else None
         return probs, maps, score, feats
 
     def warmup(self) -> float:

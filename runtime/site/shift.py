@@ -243,9 +243,10 @@ class ShiftStats:
                 "qc_sum": self.qc_sum}
 
     @classmethod
-    def from_json(cls, doc: Mapping | None) -> "ShiftStats":
+    def from_json(cls, doc: Any) -> "ShiftStats":
+        """Empty for anything but such a dict (e.g. an older ledger's per-film list)."""
         s = cls()
-        if doc:
+        if isinstance(doc, Mapping):
             s.count.update({str(c): int(k) for c, k in dict(doc.get("count", {})).items()})
             s.sums = {str(c): np.asarray(v, np.float64) for c, v in dict(doc.get("sums", {})).items()}
             s.qc_sum = float(doc.get("qc_sum", 0.0))
