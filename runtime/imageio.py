@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import struct
 import warnings
@@ -150,6 +151,10 @@ def load_image_with_facts(path: "str | os.PathLike[str]") -> "tuple[Image.Image,
     return to_gray8(im), ImageFacts(im.size[0], im.size[1], colour_spread(im))
 
 
+def _bomb_message(pixels: int) -> str:
+    return f"decompression bomb refused: image is {pixels / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit"
+
+
 def _decode(p: Path) -> Image.Image:
     """Pillow decode with EXIF orientation applied, in the file's own mode."""
     try:
@@ -162,16 +167,17 @@ def _decode(p: Path) -> Image.Image:
                 if w < 1 or h < 1:
                     raise ImageReadError(f"image has no pixels ({w}x{h})")
                 if w * h > MAX_PIXELS:
-                    raise ImageReadError(
-                        f"decompression bomb refused: image is {w}x{h} ({w * h / 1e6:.0f} MP), "
-                        f"over the {MAX_PIXELS / 1e6:.0f} MP limit"
-                    )
+                    raise ImageReadError(_bomb_message(w * h))
                 im.load()
                 return ImageOps.exif_transpose(im) or im
     except ImageReadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageReadError(f"decompression bomb refused: {exc}") from None
+        # Pillow refused it before the size check above could: the same words, so that a film's
+        # error does not depend on which decode thread held the warnings filter at the time.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageReadError(_bomb_message(int(found.group(1))) if found
+                             else f"decompression bomb refused: {exc}") from None
     except Image.UnidentifiedImageError:
         raise ImageReadError("not a recognised image format") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:

@@ -151,10 +151,12 @@ def test_real_run_checkpoints_are_plain_data_and_resume(tiny_run, tmp_path):
         assert torch.serialization.get_unsafe_globals_in_checkpoint(str(run / name)) == []
     last = load_checkpoint(run / "last.pt")
     assert {"optimizer", "scheduler", "state_dict", "history"} <= set(last)
-    res = CliRunner().invoke(train_main, ["--out", str(run), "--resume", "--epochs", "2", "--threads", "1"],
+    assert json.loads((run / "config.json").read_text())["threads"] == 1
+    res = CliRunner().invoke(train_main, ["--out", str(run), "--resume", "--epochs", "2", "--threads", "2"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "[resume]" in res.output and "at epoch 1" in res.output
+    assert json.loads((run / "config.json").read_text())["threads"] == 2  # where it runs: the command line wins
     assert [h["epoch"] for h in json.loads((run / "metrics.json").read_text())] == [1, 2]
     resumed = load_checkpoint(run / "last.pt")
     assert resumed["epoch"] == 2

@@ -107,6 +107,27 @@ def test_every_bad_kind_gives_its_reason(tmp_path):
         assert fragment in str(err.value), (rel, str(err.value))
 
 
+@pytest.mark.parametrize("side", [10000, 14000])  # 100 MP: Pillow only warns; 196 MP: Pillow refuses itself
+def test_a_bomb_gets_the_same_words_whether_or_not_the_warning_is_an_error(tmp_path, monkeypatch, side):
+    import warnings
+
+    import cxr.runtime.imageio as imageio
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(path)
+    with pytest.raises(ImageReadError) as own:
+        load_image(path)
+    # Another decode thread leaving its catch_warnings can undo the "error" filter (it is
+    # process-global): the warning then stays a warning and the size check answers instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(imageio.warnings, "simplefilter", lambda *a, **k: None)
+        with pytest.raises(ImageReadError) as raced:
+            load_image(path)
+    assert str(own.value) == str(raced.value) == (
+        f"decompression bomb refused: image is {side * side / 1e6:.0f} MP, over the 80 MP limit")
+
+
 def test_folder_and_missing_file(tmp_path):
     with pytest.raises(ImageReadError, match="folder"):
         load_image(tmp_path)

@@ -57,7 +57,7 @@ from .models import ARCHS
 @click.option("--no-shift-eval", is_flag=True, help="Skip the acquisition-shift test (resize 299 + JPEG q75).")
 @click.option("--limit-per-class", type=int, help="Use at most N training images per class (quick experiments).")
 @click.option("--dataset-name", help="Name recorded in the checkpoint (default: the data folder's name).")
-@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (its config wins except --epochs).")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt (its config wins except --epochs, --threads, --workers and --device).")
 @click.option("--test-only", is_flag=True,
               help="No training: test OUT/best.pt on the test split of --split (default OUT/split.json), "
                    "images under --data if given, and write the test report.")
@@ -76,6 +76,9 @@ def main(**kw) -> None:
         _refuse_unsafe_checkpoint(out / "last.pt", "cannot resume: ")  # now, not after decoding the data
         saved = json.loads(cfg_file.read_text())
         saved["epochs"] = kw["epochs"]
+        for key in ("threads", "device", "workers"):  # where it runs, not what it learns: the command line wins
+            if kw[key] is not None and (key != "device" or kw[key] != "auto"):
+                saved[key] = kw[key]
         saved["out"] = str(out)  # the folder asked for, also when the run was moved or copied
         saved["split_fractions"] = tuple(saved["split_fractions"])
         cfg = TrainConfig(**saved)
