@@ -27,7 +27,8 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 SCHEME = "99CXR"
 
-# Standard codes for the classes the shipped models know; any other class gets a 99CXR code.
+# Standard codes where a class is one SNOMED CT concept; any other class (Lung_Opacity, the dataset's
+# mix of findings, too) gets a 99CXR code.
 KNOWN_CLASSES = {
     "covid": ("840539006", "SCT", "COVID-19"),
     "normal": ("17621005", "SCT", "Normal"),
