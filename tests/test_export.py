@@ -175,6 +175,10 @@ def test_int8_model_valid_and_agreement_reported(exported):
     model = onnx.load(str(int8))
     onnx.checker.check_model(model)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    read = {i for n in model.graph.node for i in n.input}  # quantized from an fp32 file that had shift_features:
+    assert [t.name for t in model.graph.initializer if t.name not in read] == []  # its Q/DQ constants went too
+    names = [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names))  # and no constant of the new output was added twice
     info = decode_props(_props(int8))
     assert info.precision == "int8" and info.classes == CLASSES
     q = info.extra["quantization"]

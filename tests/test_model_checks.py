@@ -120,9 +120,11 @@ def test_real_metadata_is_far_below_the_caps():
     for name in ("cxr-mnv2-224.onnx", "cxr-mnv2-224.int8.onnx"):
         meta = ort.InferenceSession(str(REPO / "models" / name), providers=["CPUExecutionProvider"]) \
             .get_modelmeta().custom_metadata_map
-        # the shipped files carry about 42 KB (operating-point tables 19 KB, the input check 5 KB):
-        # about 1 % of the cap, which must stay at least fifty times what a real model needs
-        assert sum(len(k) + len(v) for k, v in meta.items()) < MAX_TOTAL_BYTES / 50
+        # The four-class files carry about 126 KB, 3 % of the cap: the shift reference 59 KB and the
+        # operating points 42 KB, both growing with sources x classes (the three-class files: 77 KB).
+        # The cap must stay at least 25 times what a real model needs; a much longer class list
+        # would need a denser encoding of those two entries before it needed a larger cap.
+        assert sum(len(k) + len(v) for k, v in meta.items()) < MAX_TOTAL_BYTES / 25
 
 
 # ----------------------------------------------------------------- external data

@@ -36,6 +36,17 @@ def split_items(split: "str | os.PathLike[str]", subset: str = "val",
     return items
 
 
+def _names_read(graph) -> set:
+    """Every name a node of ``graph`` reads, also inside If/Loop/Scan bodies (outer-scope names)."""
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names |= _names_read(sub)
+    return names
+
+
 def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
     """Add (or rebuild) the ``shift_features`` output to ``proto`` in place: the first
     ``components`` columns of every input-check projection (MatMul by a ``qc.comp*`` matrix),
@@ -67,10 +78,13 @@ def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
         keep = [n for n in g.node if id(n) not in gone]
         del g.node[:]
         g.node.extend(keep)
-        used = {i for n in keep for i in n.input}
-        inits = [i for i in g.initializer if i.name in used or not i.name.startswith(tag)]
+    # Constants no node reads any more: ours, and what only the removed nodes read (a quantizer's
+    # scale and zero point; also left behind in files an earlier version of this function wrote).
+    read = _names_read(g) | {o.name for o in g.output} | {i.name for i in g.input}
+    if any(i.name not in read for i in g.initializer):
+        inits = [i for i in g.initializer if i.name in read]
         del g.initializer[:]
-        g.initializer.extend([i for i in inits if not i.name.startswith(tag)])
+        g.initializer.extend(inits)
     init = {i.name: i for i in g.initializer}
     proj = []
     for n in g.node:
@@ -80,11 +94,22 @@ def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
     if not proj:
         raise ValueError("the graph has no input-check projections (qc.comp*): export the model with its input "
                          "check (cxr-export) before adding a shift reference")
-    g.initializer.extend([onnx.numpy_helper.from_array(np.array([0], np.int64), tag + "starts"),
-                          onnx.numpy_helper.from_array(np.array([1], np.int64), tag + "axes")])
+    have = {i.name: i for i in g.initializer}
+
+    def const(name: str, value: int) -> None:
+        # A graph optimiser (onnxruntime's, before quantization) may have pointed another node at
+        # one of our constants, so it outlived our nodes: reuse it, it holds the same number.
+        if name in have:
+            if onnx.numpy_helper.to_array(have[name]).tolist() != [value]:
+                raise ValueError(f"the graph already has a constant {name!r} of another value")
+            return
+        g.initializer.append(onnx.numpy_helper.from_array(np.array([value], np.int64), name))
+
+    const(tag + "starts", 0)
+    const(tag + "axes", 1)
     sliced = []
     for i, (name, k) in enumerate(proj):
-        g.initializer.append(onnx.numpy_helper.from_array(np.array([k], np.int64), f"{tag}ends{i}"))
+        const(f"{tag}ends{i}", k)
         out = f"{tag}depth{i}"
         g.node.append(helper.make_node("Slice", [name, tag + "starts", f"{tag}ends{i}", tag + "axes"], [out],
                                        name=f"{tag}slice{i}"))
