@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     def scored_once(key, paths):
         if key not in cache:
             cache[key] = [(qc, None if f is None else [float(x) for x in f], c)
-                          for qc, f, c, _ in score_films(model, paths, stderr_progress(Path(key).name))]
+                          for qc, f, c in score_films(model, paths, stderr_progress(Path(key).name))]
             if a.cache:
                 Path(a.cache).write_text(json.dumps(cache))
         return cache[key]

@@ -407,7 +407,7 @@ class CheckExport:
                     f"{k} {_pct(r)}" for k, r in self.orientation["development_set_flagged"].items())
                    if "development_set_flagged" in self.orientation else ""))
 
-    def _measure(self, fn, precision: str, parity: dict, int8: dict | None = None, session=None) -> tuple[dict, dict]:
+    def _measure(self, fn, precision: str, parity: dict, int8: dict | None = None) -> tuple[dict, dict]:
         """(metadata entry, report entry) for one model whose score function is ``fn``."""
         s_val = run_scores(fn, self.val.u8, self.pp)
         th = thresholds(s_val, self.val.groups)
@@ -441,7 +441,7 @@ class CheckExport:
                               f"on {par['n_images']} images from {ev_name}")
         self.ev_fp32 = got
         log(f"input check: fp32 score parity passed: max |d| {par['max_abs_diff']:.3g} on {par['n_images']} images")
-        return self._measure(ort_score_fn(session), "fp32", par, session=session)
+        return self._measure(ort_score_fn(session), "fp32", par)
 
     def int8_refusal(self, entry: dict) -> str | None:
         """Why the int8 score is not fit to ship (``measure_int8``'s metadata entry), or None.
@@ -463,4 +463,4 @@ class CheckExport:
         par = {"n_images": int(len(got)), "source": ev_name, "vs": "fp32",
                "max_abs_diff": float(np.abs(got - self.ev_fp32).max()), "spearman": spearman(self.ev_fp32, got),
                "note": "int8 has its own thresholds, chosen on the same validation images"}
-        return self._measure(ort_score_fn(session), "int8", par, int8={}, session=session)
+        return self._measure(ort_score_fn(session), "int8", par, int8={})

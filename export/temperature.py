@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxr.runtime.metrics import expected_calibration_error, golden_section_min, softmax  # noqa: F401 (softmax: temperature.softmax)
+from cxr.runtime.metrics import expected_calibration_error, golden_section_min, softmax
 
 ECE_BINS = 15
 T_RANGE = (0.05, 20.0)  # searched; a fit at either end is reported as such

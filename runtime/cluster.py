@@ -259,8 +259,9 @@ def scan_shard(job: ShardJob, entries: list[Entry]) -> dict:
                            previews=outputs.preview_side if outputs else 0, show_unfamiliar=job.show_unfamiliar):
             if outputs is not None:
                 outputs.add(r)
-            results.append(replace(r, heatmap=None, preview=None) if r.preview is not None or r.heatmap is not None
-                           else r)
+            # what the client does not read stays on the worker (the shift features are in the shard's stats)
+            results.append(replace(r, heatmap=None, preview=None, features=None)
+                           if r.preview is not None or r.heatmap is not None or r.features is not None else r)
         page = None
         if outputs is not None:
             outputs.drain()

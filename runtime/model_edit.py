@@ -56,10 +56,25 @@ def set_props(model, updates: "dict[str, str | None]") -> None:
         entry.key, entry.value = k, v
 
 
-def graph_digest(model) -> str:
-    """sha256 of the serialised graph (nodes, weights, inputs, outputs), metadata excluded: equal
-    digests prove that only the metadata differs between two files."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+def names_read(graph) -> set:
+    """Every name a node of ``graph`` reads, also inside If/Loop/Scan bodies (outer-scope names)."""
+    names = set()
+    for n in graph.node:
+        names.update(n.input)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names |= names_read(sub)
+    return names
+
+
+def drop_unread_initializers(graph) -> None:
+    """Remove the constants of ``graph`` that no node reads and that are neither a graph input nor
+    an output (left behind when nodes were removed or rewired)."""
+    read = names_read(graph) | {o.name for o in graph.output} | {i.name for i in graph.input}
+    if any(i.name not in read for i in graph.initializer):
+        keep = [i for i in graph.initializer if i.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
 
 
 def tensor_digest(tensor) -> str:

@@ -450,7 +450,7 @@ def adapt(model_path, dirs: Sequence["str | os.PathLike[str]"], out: "str | os.P
     logits1 = logits.copy()
     w_new, b_new = head.weight.astype(np.float64).copy(), head.bias.astype(np.float64).copy()
     if d["adopted"]:
-        dw, dc = d.pop("_w"), d.pop("_c")  # noqa: F841 (dw also moves the heatmap's Normal row)
+        dw, dc = d.pop("_w"), d.pop("_c")  # dw also moves the heatmap's Normal row
         # margin' = margin + x.w + c at temperature t0: the Normal logit moves by t0 (x.w + c)
         w_new[normal] += t0 * dw
         b_new[normal] += t0 * dc
@@ -633,7 +633,7 @@ def _rewrite(proto, head: Head, normal: int, weight, bias, temperature: float, q
         g.input[1], g.input[2] = "site.head.weight", "site.head.bias"
         if head.cam is not None:
             cw = head.cam_weight.astype(np.float64).copy()  # the other classes' maps keep the base weights
-            cw[normal] = (weight[normal] if dw is None else cw[normal].reshape(-1) + dw).reshape(cw[normal].shape)
+            cw[normal] = (cw[normal].reshape(-1) + dw).reshape(cw[normal].shape)
             add("site.cam.weight", cw)
             c = node(head.cam)
             c.input[1], c.input[2] = "site.cam.weight", "site.head.bias"
@@ -650,10 +650,7 @@ def _rewrite(proto, head: Head, normal: int, weight, bias, temperature: float, q
                     n.input[i] = "site.qc.mean"
                 elif name == "qc.offset":
                     n.input[i] = "site.qc.offset"
-    used = {i for n in m.graph.node for i in n.input}
-    keep = [i for i in m.graph.initializer if i.name in used]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
+    model_edit.drop_unread_initializers(m.graph)
     return m
 
 
@@ -751,6 +748,6 @@ def write_card(prov: dict, out: "str | os.PathLike[str]", classes: Sequence[str]
             "on other films of the site (`cxr-infer validate`) before use, and again after any change of machines.",
             "", "## What was refitted", "", "```", format_text(prov), "```", "",
             "Everything else in the graph is the base model's (see parity in `cxr-infer info --json`, "
-            "key `other_metadata.adaptation`, or `cxr.adaptation` in the file).", ""]
+            "key `adaptation`, or `cxr.adaptation` in the file).", ""]
     card.write_text("\n".join(text), encoding="utf-8")
     return card

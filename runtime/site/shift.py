@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -151,10 +152,6 @@ class ShiftReference:
     def dim(self) -> int:
         return int(len(self.mean))
 
-    @property
-    def films(self) -> int:
-        return int(sum(g.n for by in self.sources.values() for g in by.values()))
-
     @classmethod
     def from_metadata(cls, extra: Mapping[str, Any]) -> "ShiftReference | None":
         """From a loaded model's parsed metadata; None when it has none; ValueError when unusable."""
@@ -189,12 +186,15 @@ class ShiftReference:
         return cls(per, mean, sd, alpha, min_films, min_group, str(doc.get("fitted_on", "validation split")),
                    doc.get("precision"), str(doc.get("output", OUTPUT)))
 
+    @cached_property
     def within(self) -> np.ndarray:
-        """The pooled within-group covariance (every source's every class): the shrinkage target."""
+        """The pooled within-group covariance (every source's every class): the shrinkage target
+        (computed once per reference: a bench checks thousands of folders against one)."""
         num = sum((g.n - 1) * g.cov for by in self.sources.values() for g in by.values() if g.n > 1)
         den = sum(g.n - 1 for by in self.sources.values() for g in by.values() if g.n > 1)
         return num / den if den > 0 else np.eye(self.dim)
 
+    @cached_property
     def references(self) -> dict[str, dict[str, Group]]:
         """All sources pooled (where there is more than one), then each source; class -> group."""
         refs = dict(self.sources)
@@ -379,11 +379,11 @@ def check(reference: ShiftReference | None, stats: ShiftStats) -> ShiftResult:
     if any(len(v) != reference.dim for v in stats.sums.values()):
         return ShiftResult(False, n, False, f"the scan's features do not have the reference's {reference.dim} "
                                             "dimensions", **base)
-    within = reference.within()
+    within = reference.within
     # the pooled reference accepts any mix of the sources: every (source, class) mean difference is projected off
     every = [g.mean for by in reference.sources.values() for g in by.values() if g.n >= reference.min_group]
     per = {}
-    for name, groups in reference.references().items():
+    for name, groups in reference.references.items():
         r = _test(groups, stats, reference.mean, reference.sd, within, reference.min_group,
                   every if name == POOLED else None)
         if r is None or r[0] < reference.min_films:  # this source never saw films predicted like these

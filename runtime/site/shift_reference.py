@@ -36,17 +36,6 @@ def split_items(split: "str | os.PathLike[str]", subset: str = "val",
     return items
 
 
-def _names_read(graph) -> set:
-    """Every name a node of ``graph`` reads, also inside If/Loop/Scan bodies (outer-scope names)."""
-    names = set()
-    for n in graph.node:
-        names.update(n.input)
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                names |= _names_read(sub)
-    return names
-
-
 def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
     """Add (or rebuild) the ``shift_features`` output to ``proto`` in place: the first
     ``components`` columns of every input-check projection (MatMul by a ``qc.comp*`` matrix),
@@ -80,11 +69,7 @@ def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
         g.node.extend(keep)
     # Constants no node reads any more: ours, and what only the removed nodes read (a quantizer's
     # scale and zero point; also left behind in files an earlier version of this function wrote).
-    read = _names_read(g) | {o.name for o in g.output} | {i.name for i in g.input}
-    if any(i.name not in read for i in g.initializer):
-        inits = [i for i in g.initializer if i.name in read]
-        del g.initializer[:]
-        g.initializer.extend(inits)
+    model_edit.drop_unread_initializers(g)
     init = {i.name: i for i in g.initializer}
     proj = []
     for n in g.node:
@@ -121,21 +106,20 @@ def add_feature_output(proto, components: int = shift.COMPONENTS) -> int:
 
 
 def score_films(model, paths: Sequence[str], progress: Callable[[int, int], None] | None = None):
-    """Scan ``paths`` with ``model``: [(qc, features or None, top-1 class, probabilities)] in order
-    (Nones for unreadable files)."""
+    """Scan ``paths`` with ``model``: [(qc, features or None, top-1 class)] in order (Nones for
+    unreadable files)."""
     from ..engine import iter_scan
 
     out = []
     for i, r in enumerate(iter_scan(model, list(paths))):
-        out.append((r.qc, r.features, r.prediction.label, r.prediction.probabilities) if r.ok
-                   else (None, None, None, None))
+        out.append((r.qc, r.features, r.prediction.label) if r.ok else (None, None, None))
         if progress is not None:
             progress(i + 1, len(paths))
     return out
 
 
 def reference_from_scores(scored, sources: Sequence[str], *, fitted_on: str, precision: str) -> dict:
-    keep = [(f, src, c) for (qc, f, c, _), src in zip(scored, sources) if shift.eligible(qc, f)]
+    keep = [(f, src, c) for (qc, f, c), src in zip(scored, sources) if shift.eligible(qc, f)]
     if not keep:
         raise ValueError("no film was judged a chest X-ray with shift features: does the model have an input check?")
     return shift.build_reference(np.stack([k[0] for k in keep]), [k[1] for k in keep], [k[2] for k in keep],

@@ -48,7 +48,7 @@ def rate(k: int, n: int) -> dict:
     return {"k": int(k), "n": int(n), "value": (k / n) if n else None, "ci95": [lo, hi]}
 
 
-def aurocrate_text(neg, pos) -> dict:
+def auroc_ci(neg, pos) -> dict:
     """AUROC with Hanley-McNeil's 95 % interval."""
     a = auroc(neg, pos)
     if a is None:
@@ -150,7 +150,7 @@ def measure(model, items: Sequence[LabelledImage], kinds: Sequence[str], policy,
                            "referred": policy.referred, "fitted_on": policy.fitted_on}})
     curve = None
     if score is not None:
-        triage["auroc"] = aurocrate_text(score[is_normal], score[~is_normal])
+        triage["auroc"] = auroc_ci(score[is_normal], score[~is_normal])
         curve = roc_points(score[is_normal], score[~is_normal])
     flagged = sum(1 for i in ok if qc_flagged(results[i].qc))
     op = operating_points(model.info) if _has_table(model) else None
