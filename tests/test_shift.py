@@ -112,6 +112,16 @@ def test_a_folder_like_one_source_or_a_mix_of_sources_is_not_shifted():
     assert shift.check(ref, stats_of(kids + 1.0 * np.eye(D)[4], ["Normal"] * 100)).detected
 
 
+def test_the_alarm_is_decided_on_the_unrounded_p_value(monkeypatch):
+    """The report shows p to 3 digits; 0.009996 shows as 0.01 but is below alpha 0.01: an alarm."""
+    rng = np.random.default_rng(5)
+    ref = ref_of(a={"Normal": films(rng, 300)})
+    real = shift._test
+    monkeypatch.setattr(shift, "_test", lambda *a, **k: (lambda r: (r[0], r[1], r[2], 0.009996))(real(*a, **k)))
+    r = shift.check(ref, stats_of(films(rng, 100), ["Normal"] * 100))
+    assert r.p_value == 0.01 and r.detected
+
+
 def test_below_the_minimum_and_without_a_reference_nothing_is_detected():
     rng = np.random.default_rng(4)
     ref = ref_of(a={"Normal": films(rng, 100)})

@@ -382,7 +382,7 @@ def check(reference: ShiftReference | None, stats: ShiftStats) -> ShiftResult:
     within = reference.within
     # the pooled reference accepts any mix of the sources: every (source, class) mean difference is projected off
     every = [g.mean for by in reference.sources.values() for g in by.values() if g.n >= reference.min_group]
-    per = {}
+    per, raw_p = {}, {}  # the report rounds p; the decision uses it unrounded
     for name, groups in reference.references.items():
         r = _test(groups, stats, reference.mean, reference.sd, within, reference.min_group,
                   every if name == POOLED else None)
@@ -390,6 +390,7 @@ def check(reference: ShiftReference | None, stats: ShiftStats) -> ShiftResult:
             per[name] = {"n_compared": 0 if r is None else r[0], "applicable": False}
             continue
         k, t, dof, p = r
+        raw_p[name] = p
         per[name] = {"n_compared": k, "applicable": True, "statistic": round(t, 3), "dof": dof,
                      "p_value": float(f"{p:.3g}")}
     applicable = [k for k, v in per.items() if v["applicable"]]
@@ -397,7 +398,7 @@ def check(reference: ShiftReference | None, stats: ShiftStats) -> ShiftResult:
         return ShiftResult(False, n, True, "no validation source holds films predicted like these "
                                            f"(at least {reference.min_films} in classes it has "
                                            f"{reference.min_group}+ films of)", per_reference=per, **base)
-    closest = max(applicable, key=lambda k: (per[k]["p_value"], -per[k]["statistic"] / per[k]["dof"]))
+    closest = max(applicable, key=lambda k: (raw_p[k], -per[k]["statistic"] / per[k]["dof"]))
     c = per[closest]
-    return ShiftResult(bool(c["p_value"] < reference.alpha), n, True, None, c["statistic"], c["dof"], c["p_value"],
+    return ShiftResult(bool(raw_p[closest] < reference.alpha), n, True, None, c["statistic"], c["dof"], c["p_value"],
                        closest=closest, per_reference=per, **base)
